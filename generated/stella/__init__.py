@@ -1,0 +1,1 @@
+"""Generated from protos/ by scripts/generate-protos.sh; do not edit."""
