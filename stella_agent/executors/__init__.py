@@ -1,0 +1,1 @@
+"""Executors: the code that carries out tasks against Docker Engine and Compose."""

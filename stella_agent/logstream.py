@@ -1,0 +1,108 @@
+"""The task log: bytes a task produces, cut into numbered LogChunk messages.
+
+A ``TaskLog`` belongs to one task. Executors write to it from any thread; each
+write becomes one or more chunks of at most ``MAX_CHUNK_BYTES`` with a sequence
+number (from 1, without gaps) and the byte offset of the chunk in the whole log.
+Chunks go to a sink callable, which must not block (the session puts them in a
+bounded spool). The last few KiB are kept for ``TaskResult.logs``.
+
+The agent's own log (Python logging, on stderr) is separate: what the operator
+of a task must see goes here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from stella.agent.v1 import result_pb2
+
+MAX_CHUNK_BYTES = 64 * 1024
+DEFAULT_TAIL_BYTES = 8 * 1024
+
+AGENT = result_pb2.LOG_STREAM_AGENT
+STDOUT = result_pb2.LOG_STREAM_STDOUT
+STDERR = result_pb2.LOG_STREAM_STDERR
+
+ChunkSink = Callable[[result_pb2.LogChunk], None]
+Masker = Callable[[bytes], bytes]
+
+
+class TaskLog:
+    """Numbered, bounded-size log chunks of one task."""
+
+    def __init__(
+        self,
+        task_id: str,
+        sink: ChunkSink | None = None,
+        *,
+        tail_bytes: int = DEFAULT_TAIL_BYTES,
+        masker: Masker | None = None,
+        first_sequence: int = 1,
+        first_offset: int = 0,
+    ) -> None:
+        self.task_id = task_id
+        self._sink = sink
+        self._masker = masker
+        self._tail_limit = tail_bytes
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._next_sequence = first_sequence
+        self._offset = first_offset
+
+    @property
+    def next_sequence(self) -> int:
+        """Sequence number the next chunk will get."""
+        return self._next_sequence
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes written so far (after masking)."""
+        return self._offset
+
+    def info(self, message: str, *args: object) -> None:
+        """Write one line from the agent, %-formatted like logging calls."""
+        text = message % args if args else message
+        self.write(AGENT, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+
+    def write(self, stream: int, data: bytes) -> None:
+        """Append bytes from `stream`, emitting chunks to the sink."""
+        if not data:
+            return
+        if self._masker is not None:
+            data = self._masker(data)
+        with self._lock:
+            self._remember_tail(data)
+            for start in range(0, len(data), MAX_CHUNK_BYTES):
+                piece = data[start : start + MAX_CHUNK_BYTES]
+                chunk = self._make_chunk(stream, piece)
+                if self._sink is not None:
+                    self._sink(chunk)
+
+    def tail(self) -> str:
+        """Return the last bytes of the log as text, for TaskResult.logs."""
+        with self._lock:
+            return self._tail.decode("utf-8", "replace")
+
+    def _make_chunk(self, stream: int, piece: bytes) -> result_pb2.LogChunk:
+        time = Timestamp()
+        time.GetCurrentTime()
+        chunk = result_pb2.LogChunk(
+            task_id=self.task_id,
+            sequence=self._next_sequence,
+            stream=stream,  # type: ignore[arg-type]
+            data=piece,
+            time=time,
+            offset=self._offset,
+        )
+        self._next_sequence += 1
+        self._offset += len(piece)
+        return chunk
+
+    def _remember_tail(self, data: bytes) -> None:
+        self._tail.extend(data)
+        excess = len(self._tail) - self._tail_limit
+        if excess > 0:
+            del self._tail[:excess]
