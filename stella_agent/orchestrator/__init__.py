@@ -1,0 +1,1 @@
+"""The reference orchestrator: for development, tests, demos and grpcurl."""

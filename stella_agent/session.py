@@ -1,0 +1,348 @@
+"""The agent's connection to the orchestrator.
+
+``AgentSession.run()`` dials the orchestrator with mutual TLS, opens the
+Connect stream, sends Hello, waits for Welcome and then, until the stream
+breaks: sends heartbeats, hands received tasks to the dispatcher, and sends
+log chunks and results. When the stream breaks it reconnects with exponential
+backoff and jitter; tasks keep running meanwhile. Results stay in the outbox
+until the orchestrator acknowledges them and are sent again on every new
+stream, as are the log chunks the orchestrator has not seen (Welcome says
+which).
+
+The stream uses grpc.aio's read()/write() style: one task reads, and only the
+writer task writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
+from stella_agent import __version__
+from stella_agent.certs import TlsFiles
+from stella_agent.config import AgentConfig
+from stella_agent.dispatcher import Dispatcher
+from stella_agent.errors import StellaError
+from stella_agent.tasks import TYPE_NAMES
+
+logger = logging.getLogger(__name__)
+
+# Status codes after which reconnecting cannot help: the orchestrator rejected
+# who the agent is. Everything else is retried with backoff.
+FATAL_STATUS_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED: "the orchestrator rejected the agent's certificate",
+    grpc.StatusCode.PERMISSION_DENIED: "the orchestrator rejected the agent's identity",
+    grpc.StatusCode.UNIMPLEMENTED: "the server does not offer stella.agent.v1.AgentGateway",
+}
+RETRYABLE_STATUS_CODES = {
+    grpc.StatusCode.UNAVAILABLE: "orchestrator unreachable or restarting",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time",
+    grpc.StatusCode.CANCELLED: "stream cancelled",
+    grpc.StatusCode.INTERNAL: "transport error",
+    grpc.StatusCode.UNKNOWN: "orchestrator failed",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "orchestrator overloaded",
+    grpc.StatusCode.ABORTED: "stream aborted",
+}
+
+MAX_SPOOL_BYTES = 32 * 1024 * 1024
+"""Log bytes kept per agent for resending after a reconnect."""
+
+
+class FatalConnectionError(StellaError):
+    """The orchestrator rejected the agent in a way a retry cannot fix."""
+
+
+def classify(error: grpc.RpcError) -> tuple[bool, str]:
+    """Return (fatal, reason) for a failed stream."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    if code in FATAL_STATUS_CODES:
+        return True, f"{FATAL_STATUS_CODES[code]}: {details}"
+    reason = RETRYABLE_STATUS_CODES.get(code, code.name.lower())
+    if details and "CERTIFICATE_VERIFY_FAILED" in details:
+        reason = "the orchestrator's certificate is not signed by the configured CA (tls.ca_file)"
+    elif details and "Peer name" in details and "not in peer certificate" in details:
+        reason = (
+            "the orchestrator's certificate does not carry the name the agent dialled; set "
+            "orchestrator.server_name to a name in its certificate"
+        )
+    return False, f"{reason}: {details}"
+
+
+def channel_options(config: AgentConfig) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.keepalive_time_ms", int(config.orchestrator.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Reconnects are paced by the session's own backoff.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ]
+    if config.orchestrator.server_name:
+        options.append(("grpc.ssl_target_name_override", config.orchestrator.server_name))
+    return options
+
+
+class LogSpool:
+    """Log chunks of unfinished and unacknowledged tasks, kept for resending."""
+
+    def __init__(self, max_bytes: int = MAX_SPOOL_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.chunks: dict[str, list[result_pb2.LogChunk]] = {}
+
+    def add(self, chunk: result_pb2.LogChunk) -> None:
+        # TODO: when the spool is full, older chunks are not resent after a
+        # reconnect; the orchestrator then logs the gap.
+        if self.bytes + len(chunk.data) > self.max_bytes:
+            return
+        self.chunks.setdefault(chunk.task_id, []).append(chunk)
+        self.bytes += len(chunk.data)
+
+    def since(self, task_id: str, sequence: int) -> list[result_pb2.LogChunk]:
+        return [c for c in self.chunks.get(task_id, []) if c.sequence >= sequence]
+
+    def drop(self, task_id: str) -> None:
+        for chunk in self.chunks.pop(task_id, []):
+            self.bytes -= len(chunk.data)
+
+
+class AgentSession:
+    """Keeps the agent connected and moves messages between stream and
+    dispatcher."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        tls: TlsFiles,
+        dispatcher_factory: Callable[[AgentSession], Dispatcher],
+        *,
+        public_key: gateway_pb2.AgentPublicKey | None = None,
+        capabilities: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.tls = tls
+        self.public_key = public_key
+        self.capabilities = capabilities or [*TYPE_NAMES.values(), "docker", "compose"]
+        self.outbox: dict[str, result_pb2.TaskResult] = {}
+        self.spool = LogSpool()
+        self._outgoing: asyncio.Queue[gateway_pb2.ConnectRequest] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.streams_opened = 0
+        self._loop = asyncio.get_event_loop()
+        self.dispatcher = dispatcher_factory(self)
+
+    # Callbacks for the dispatcher and task logs -------------------------------
+
+    def send_event(self, message: gateway_pb2.ConnectRequest) -> None:
+        """Send a message now if a stream is open; otherwise drop it (events
+        such as TaskAccepted only matter on a live stream)."""
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(message)
+
+    def chunk_sink(self, task_id: str) -> Callable[[result_pb2.LogChunk], None]:
+        """Return a sink for a task's log chunks that is safe to call from
+        worker threads."""
+
+        def sink(chunk: result_pb2.LogChunk) -> None:
+            self._loop.call_soon_threadsafe(self._on_chunk, chunk)
+
+        return sink
+
+    def _on_chunk(self, chunk: result_pb2.LogChunk) -> None:
+        self.spool.add(chunk)
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(gateway_pb2.ConnectRequest(log_chunk=chunk))
+
+    def deliver_result(self, result: result_pb2.TaskResult) -> None:
+        """Keep a result until acknowledged and send it if a stream is open."""
+        self.outbox[result.task_id] = result
+        # Chunks written from worker threads are queued with
+        # call_soon_threadsafe; queue the result behind them.
+        self._loop.call_soon(self._send_result, result.task_id)
+
+    def _send_result(self, task_id: str) -> None:
+        result = self.outbox.get(task_id)
+        if result is not None and self._outgoing is not None:
+            self._outgoing.put_nowait(gateway_pb2.ConnectRequest(task_result=result))
+
+    # Connection loop ----------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Stay connected until stop(); raise FatalConnectionError when the
+        orchestrator rejects the agent."""
+        self.dispatcher.start()
+        delay = self.config.orchestrator.reconnect_initial_seconds
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._run_stream()
+                    delay = self.config.orchestrator.reconnect_initial_seconds
+                    reason = "stream closed by the orchestrator"
+                except grpc.RpcError as exc:
+                    fatal, reason = classify(exc)
+                    if fatal:
+                        raise FatalConnectionError(reason) from None
+                except (ConnectionError, TimeoutError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                if self._stopping.is_set():
+                    break
+                if self.connected.is_set():
+                    # The stream had been up, so start the backoff afresh.
+                    delay = self.config.orchestrator.reconnect_initial_seconds
+                self.connected.clear()
+                wait = delay * random.uniform(0.5, 1.0)
+                logger.warning("disconnected from %s (%s); reconnecting in %.1fs", self.config.orchestrator.address, reason, wait)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), wait)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, self.config.orchestrator.reconnect_max_seconds)
+        finally:
+            self.connected.clear()
+            await self.dispatcher.stop()
+            if self._channel is not None:
+                await self._channel.close()
+
+    async def _run_stream(self) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+        )
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = grpc.aio.secure_channel(
+            self.config.orchestrator.address, credentials, options=channel_options(self.config)
+        )
+        stub = gateway_pb2_grpc.AgentGatewayStub(self._channel)
+        call = stub.Connect()
+        await call.write(gateway_pb2.ConnectRequest(hello=self._hello()))
+        response = await asyncio.wait_for(call.read(), self.config.orchestrator.connect_timeout_seconds)
+        if response is grpc.aio.EOF:
+            await call.wait_for_connection()
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise _StatusError(code, await call.details())
+            raise ConnectionError("stream ended before Welcome")
+        if response.WhichOneof("body") != "welcome":
+            raise ConnectionError(f"expected Welcome, got {response.WhichOneof('body')}")
+        welcome = response.welcome
+        self.streams_opened += 1
+        logger.info("connected to %s (session %s)", self.config.orchestrator.address, welcome.session_id)
+
+        outgoing: asyncio.Queue[gateway_pb2.ConnectRequest] = asyncio.Queue()
+        self._resend(outgoing, welcome)
+        self._outgoing = outgoing
+        self.connected.set()
+        interval = welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
+        tasks = [
+            asyncio.create_task(self._read_loop(call)),
+            asyncio.create_task(self._write_loop(call, outgoing)),
+            asyncio.create_task(self._heartbeat_loop(outgoing, interval)),
+            asyncio.create_task(self._stopping.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                if finished.exception() is not None:
+                    raise finished.exception()  # type: ignore[misc]
+        finally:
+            self._outgoing = None
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.cancel()
+
+    def _hello(self) -> gateway_pb2.Hello:
+        hello = gateway_pb2.Hello(
+            agent_id=self.config.agent_id,
+            version=__version__,
+            capabilities=self.capabilities,
+            running_task_ids=self.dispatcher.running_task_ids(),
+            unacknowledged_task_ids=list(self.outbox),
+            hostname=socket.gethostname(),
+            target_ids=list(self.config.tasks.targets),
+        )
+        if self.public_key is not None:
+            hello.public_key.CopyFrom(self.public_key)
+        return hello
+
+    def _resend(self, outgoing: asyncio.Queue, welcome: gateway_pb2.Welcome) -> None:
+        """Queue what the orchestrator may have missed while disconnected."""
+        positions = {p.task_id: p.next_sequence for p in welcome.log_positions}
+        for task_id in list(self.spool.chunks):
+            for chunk in self.spool.since(task_id, positions.get(task_id, 1)):
+                outgoing.put_nowait(gateway_pb2.ConnectRequest(log_chunk=chunk))
+        for result in self.outbox.values():
+            outgoing.put_nowait(gateway_pb2.ConnectRequest(task_result=result))
+
+    async def _read_loop(self, call) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                code = await call.code()
+                if code != grpc.StatusCode.OK:
+                    raise _StatusError(code, await call.details())
+                return
+            self._handle(message)
+
+    def _handle(self, message: gateway_pb2.ConnectResponse) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "task":
+            self.dispatcher.receive(message.task)
+        elif kind == "cancel":
+            self.dispatcher.cancel(message.cancel.task_id, message.cancel.reason)
+        elif kind == "result_ack":
+            task_id = message.result_ack.task_id
+            if self.outbox.pop(task_id, None) is not None:
+                self.spool.drop(task_id)
+                logger.debug("result of task %s acknowledged", task_id)
+        elif kind == "signed_task":
+            logger.warning("received a signed task, but signed tasks are not enabled; ignored")
+        elif kind in ("heartbeat", "welcome"):
+            pass
+
+    async def _write_loop(self, call, outgoing: asyncio.Queue) -> None:
+        while True:
+            message = await outgoing.get()
+            await call.write(message)
+
+    async def _heartbeat_loop(self, outgoing: asyncio.Queue, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            sent_at = Timestamp()
+            sent_at.GetCurrentTime()
+            outgoing.put_nowait(
+                gateway_pb2.ConnectRequest(
+                    heartbeat=gateway_pb2.Heartbeat(
+                        sent_at=sent_at, running_tasks=len(self.dispatcher.running_task_ids())
+                    )
+                )
+            )
+
+
+class _StatusError(grpc.RpcError):
+    """A stream that ended with a non-OK status, in the shape classify() reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
