@@ -9,8 +9,8 @@ import signal
 from collections.abc import Mapping
 
 import grpc
-
 from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc
+
 from stella_agent.certs import certificate_identity, read_tls_files
 from stella_agent.config import AgentConfig
 from stella_agent.dispatcher import Dispatcher
@@ -35,12 +35,17 @@ def docker_client_factory(config: AgentConfig):
     return create
 
 
-def build_executors(config: AgentConfig, artifact_fetcher=None) -> Mapping[str, Executor]:
+def build_executors(
+    config: AgentConfig, artifact_fetcher=None
+) -> Mapping[str, Executor]:
     """Return the executors by name ("docker", "compose")."""
     from stella_agent.executors.compose import ComposeExecutor
     from stella_agent.executors.docker import DockerExecutor
 
-    return {"docker": DockerExecutor(), "compose": ComposeExecutor(artifact_fetcher=artifact_fetcher)}
+    return {
+        "docker": DockerExecutor(),
+        "compose": ComposeExecutor(artifact_fetcher=artifact_fetcher),
+    }
 
 
 class ArtifactFetcher:
@@ -63,12 +68,17 @@ class ArtifactFetcher:
         parts: list[bytes] = []
         try:
             async for response in stub.FetchArtifact(
-                gateway_pb2.FetchArtifactRequest(task_id=task_id, name=name, sha256=sha256)
+                gateway_pb2.FetchArtifactRequest(
+                    task_id=task_id, name=name, sha256=sha256
+                )
             ):
                 digest.update(response.data)
                 parts.append(response.data)
         except grpc.RpcError as exc:
-            retriable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            retriable = exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
             raise TaskError(
                 f"fetching artifact {name!r} failed: {exc.code().name}: {exc.details()}",
                 error_type="artifact_unavailable",
@@ -96,7 +106,9 @@ async def run_agent(config: AgentConfig) -> int:
 
     session_holder: list[AgentSession] = []
     fetcher = ArtifactFetcher(lambda: session_holder[0])
-    runner = TaskRunner(config, build_executors(config, fetcher), docker_client_factory(config))
+    runner = TaskRunner(
+        config, build_executors(config, fetcher), docker_client_factory(config)
+    )
 
     def make_dispatcher(session: AgentSession) -> Dispatcher:
         return Dispatcher(
@@ -112,7 +124,11 @@ async def run_agent(config: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, session.stop)
-    logger.info("agent %s starting; orchestrator %s", config.agent_id, config.orchestrator.address)
+    logger.info(
+        "agent %s starting; orchestrator %s",
+        config.agent_id,
+        config.orchestrator.address,
+    )
     await session.run()
     logger.info("agent %s stopped", config.agent_id)
     return 0

@@ -115,7 +115,9 @@ def create_ca(common_name: str = "Stella Agent development CA", days: int = 3650
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     return cert, key
@@ -141,10 +143,13 @@ def issue_certificate(
     usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else []
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-    builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    builder = builder.add_extension(
+        x509.BasicConstraints(ca=False, path_length=None), critical=True
+    )
     builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+        critical=False,
     )
     if server_names:
         sans: list[x509.GeneralName] = []
@@ -153,7 +158,9 @@ def issue_certificate(
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(sans), critical=False
+        )
     else:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
@@ -173,7 +180,9 @@ def init_dev_pki(directory: str | os.PathLike[str], agent_id: str) -> IssuedFile
     ca_cert_path, ca_key_path = root / "ca.crt", root / "ca.key"
     if ca_cert_path.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_key = serialization.load_pem_private_key(
+            ca_key_path.read_bytes(), password=None
+        )
     else:
         ca_cert, ca_key = create_ca()
         _write_private(ca_key_path, _key_pem(ca_key))
@@ -189,7 +198,10 @@ def init_dev_pki(directory: str | os.PathLike[str], agent_id: str) -> IssuedFile
         return cert_path, key_path
 
     orchestrator = issue(
-        "orchestrator", ORCHESTRATOR_IDENTITY, server_names=("localhost", "127.0.0.1"), client=False
+        "orchestrator",
+        ORCHESTRATOR_IDENTITY,
+        server_names=("localhost", "127.0.0.1"),
+        client=False,
     )
     agent = issue(f"agent-{agent_id}", agent_id)
     operator = issue("operator", OPERATOR_IDENTITY)
@@ -205,20 +217,28 @@ class TlsFiles:
     key: bytes
 
 
-def read_tls_files(ca_file: str, cert_file: str, key_file: str, *, key_name: str = "tls") -> TlsFiles:
+def read_tls_files(
+    ca_file: str, cert_file: str, key_file: str, *, key_name: str = "tls"
+) -> TlsFiles:
     """Read and sanity-check a CA bundle, certificate and key.
 
     Raises CertificateError naming the file when one is missing, unreadable,
     expired, or when the key does not belong to the certificate.
     """
     data = {}
-    for label, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+    for label, path in (
+        ("ca_file", ca_file),
+        ("cert_file", cert_file),
+        ("key_file", key_file),
+    ):
         if not path:
             raise CertificateError(f"config key '{key_name}.{label}' is required")
         try:
             data[label] = Path(path).read_bytes()
         except OSError as exc:
-            raise CertificateError(f"cannot read {key_name}.{label} {path}: {exc.strerror}") from None
+            raise CertificateError(
+                f"cannot read {key_name}.{label} {path}: {exc.strerror}"
+            ) from None
     try:
         cert = x509.load_pem_x509_certificate(data["cert_file"])
     except ValueError:
@@ -230,13 +250,17 @@ def read_tls_files(ca_file: str, cert_file: str, key_file: str, *, key_name: str
     try:
         key = serialization.load_pem_private_key(data["key_file"], password=None)
     except (ValueError, TypeError):
-        raise CertificateError(f"{key_file} is not an unencrypted PEM private key") from None
+        raise CertificateError(
+            f"{key_file} is not an unencrypted PEM private key"
+        ) from None
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
-        raise CertificateError(f"key {key_file} does not belong to certificate {cert_file}")
+        raise CertificateError(
+            f"key {key_file} does not belong to certificate {cert_file}"
+        )
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc <= now:
         raise CertificateError(
@@ -255,7 +279,9 @@ def certificate_identity(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
-        raise CertificateError("certificate has no common name, so it names no identity")
+        raise CertificateError(
+            "certificate has no common name, so it names no identity"
+        )
     return str(names[0].value)
 
 

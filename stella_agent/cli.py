@@ -1,11 +1,11 @@
 """The `stella-agent` command line.
 
-    stella-agent run --config agent.yaml         run the agent
-    stella-agent exec TASK_FILE                  run one task locally, no orchestrator
-    stella-agent orchestrator --certs DIR        run the reference orchestrator
-    stella-agent submit TASK_FILE --agent ID     send a task through it and follow it
-    stella-agent agents                          list connected agents
-    stella-agent certs init --dir DIR --agent-id ID
+stella-agent run --config agent.yaml         run the agent
+stella-agent exec TASK_FILE                  run one task locally, no orchestrator
+stella-agent orchestrator --certs DIR        run the reference orchestrator
+stella-agent submit TASK_FILE --agent ID     send a task through it and follow it
+stella-agent agents                          list connected agents
+stella-agent certs init --dir DIR --agent-id ID
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         sys.stderr.buffer.flush()
 
     async def main():
-        runner = TaskRunner(config, build_executors(config), docker_client_factory(config))
+        runner = TaskRunner(
+            config, build_executors(config), docker_client_factory(config)
+        )
         return await runner.run(runner.new_context(task, sink))
 
     result = asyncio.run(main())
@@ -84,7 +86,9 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         ca_file=args.ca or str(certs / "ca.crt"),
         cert_file=args.cert or str(certs / "orchestrator.crt"),
         key_file=args.key or str(certs / "orchestrator.key"),
-        operator_identities=frozenset(args.operator) if args.operator else frozenset({"stella-operator"}),
+        operator_identities=frozenset(args.operator)
+        if args.operator
+        else frozenset({"stella-operator"}),
         heartbeat_interval=args.heartbeat_interval,
     )
     asyncio.run(serve(config))
@@ -105,7 +109,10 @@ def _operator_client(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from stella_agent.orchestrator.client import load_credentials_file, parse_artifact_args
+    from stella_agent.orchestrator.client import (
+        load_credentials_file,
+        parse_artifact_args,
+    )
     from stella_agent.tasks import load_task_file
 
     _configure_logging(args.log_level)
@@ -123,7 +130,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"submitted task {task_id} to agent {args.agent}", file=sys.stderr)
             if args.no_wait:
                 return None, task_id
-            return await client.follow(task_id, on_log=on_log, timeout=args.timeout), task_id
+            return await client.follow(
+                task_id, on_log=on_log, timeout=args.timeout
+            ), task_id
 
     result, task_id = asyncio.run(main())
     if result is None:
@@ -141,7 +150,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
             return await client.list_agents()
 
     response = asyncio.run(main())
-    print(json_format.MessageToJson(response, preserving_proto_field_name=True, indent=2))
+    print(
+        json_format.MessageToJson(response, preserving_proto_field_name=True, indent=2)
+    )
     return 0
 
 
@@ -155,59 +166,134 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def _add_operator_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:7443", help="orchestrator host:port (default %(default)s)")
-    parser.add_argument("--certs", default="certs", help="directory of ca.crt, operator.crt and operator.key (default %(default)s)")
-    parser.add_argument("--ca", help="CA bundle of the orchestrator's certificate (overrides --certs)")
-    parser.add_argument("--cert", help="operator client certificate (overrides --certs)")
+    parser.add_argument(
+        "--address",
+        default="127.0.0.1:7443",
+        help="orchestrator host:port (default %(default)s)",
+    )
+    parser.add_argument(
+        "--certs",
+        default="certs",
+        help="directory of ca.crt, operator.crt and operator.key (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ca", help="CA bundle of the orchestrator's certificate (overrides --certs)"
+    )
+    parser.add_argument(
+        "--cert", help="operator client certificate (overrides --certs)"
+    )
     parser.add_argument("--key", help="operator client key (overrides --certs)")
-    parser.add_argument("--server-name", default="", help="name expected in the orchestrator's certificate")
+    parser.add_argument(
+        "--server-name",
+        default="",
+        help="name expected in the orchestrator's certificate",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stella-agent", description="Stella deployment agent")
-    parser.add_argument("--version", action="version", version=f"stella-agent {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="level of the log on stderr (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="stella-agent", description="Stella deployment agent"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"stella-agent {__version__}"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="level of the log on stderr (default %(default)s)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the agent")
     run.add_argument("--config", required=True, help="path of the agent's YAML config")
     run.set_defaults(func=cmd_run)
 
-    exec_ = commands.add_parser("exec", help="run one task locally against Docker and print its result")
+    exec_ = commands.add_parser(
+        "exec", help="run one task locally against Docker and print its result"
+    )
     exec_.add_argument("task_file", help="AgentTask as JSON or YAML")
     exec_.add_argument("--config", help="agent config to take settings from")
-    exec_.add_argument("--state-dir", default="/var/lib/stella-agent", help="state directory without --config (default %(default)s)")
+    exec_.add_argument(
+        "--state-dir",
+        default="/var/lib/stella-agent",
+        help="state directory without --config (default %(default)s)",
+    )
     exec_.set_defaults(func=cmd_exec)
 
-    orchestrator = commands.add_parser("orchestrator", help="run the reference orchestrator")
-    orchestrator.add_argument("--listen", default="127.0.0.1:7443", help="address to listen on (default %(default)s)")
-    orchestrator.add_argument("--certs", default="certs", help="directory of ca.crt, orchestrator.crt and orchestrator.key")
-    orchestrator.add_argument("--ca", help="CA bundle that signs agent and operator certificates")
+    orchestrator = commands.add_parser(
+        "orchestrator", help="run the reference orchestrator"
+    )
+    orchestrator.add_argument(
+        "--listen",
+        default="127.0.0.1:7443",
+        help="address to listen on (default %(default)s)",
+    )
+    orchestrator.add_argument(
+        "--certs",
+        default="certs",
+        help="directory of ca.crt, orchestrator.crt and orchestrator.key",
+    )
+    orchestrator.add_argument(
+        "--ca", help="CA bundle that signs agent and operator certificates"
+    )
     orchestrator.add_argument("--cert", help="server certificate")
     orchestrator.add_argument("--key", help="server key")
-    orchestrator.add_argument("--operator", action="append", help="certificate identity allowed to use ControlService (repeatable; default stella-operator)")
-    orchestrator.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between agent heartbeats (default %(default)s)")
+    orchestrator.add_argument(
+        "--operator",
+        action="append",
+        help="certificate identity allowed to use ControlService (repeatable; default stella-operator)",
+    )
+    orchestrator.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="seconds between agent heartbeats (default %(default)s)",
+    )
     orchestrator.set_defaults(func=cmd_orchestrator)
 
-    submit = commands.add_parser("submit", help="send a task to an agent through the orchestrator")
+    submit = commands.add_parser(
+        "submit", help="send a task to an agent through the orchestrator"
+    )
     submit.add_argument("task_file", help="AgentTask as JSON or YAML")
     submit.add_argument("--agent", required=True, help="id of the agent to run it")
-    submit.add_argument("--artifact", action="append", default=[], help="artifact content as NAME=PATH or PATH (repeatable)")
-    submit.add_argument("--credentials", help="YAML or JSON file of Credentials to seal to the agent")
-    submit.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
-    submit.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default %(default)s)")
+    submit.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        help="artifact content as NAME=PATH or PATH (repeatable)",
+    )
+    submit.add_argument(
+        "--credentials", help="YAML or JSON file of Credentials to seal to the agent"
+    )
+    submit.add_argument(
+        "--no-wait", action="store_true", help="print the task id and return at once"
+    )
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for the result (default %(default)s)",
+    )
     _add_operator_options(submit)
     submit.set_defaults(func=cmd_submit)
 
-    agents = commands.add_parser("agents", help="list the agents connected to the orchestrator")
+    agents = commands.add_parser(
+        "agents", help="list the agents connected to the orchestrator"
+    )
     _add_operator_options(agents)
     agents.set_defaults(func=cmd_agents)
 
     certs = commands.add_parser("certs", help="development certificates")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True)
-    init = certs_commands.add_parser("init", help="create a development CA and certificates")
+    init = certs_commands.add_parser(
+        "init", help="create a development CA and certificates"
+    )
     init.add_argument("--dir", required=True, help="directory to write them to")
-    init.add_argument("--agent-id", required=True, help="agent id, written as the client certificate's common name")
+    init.add_argument(
+        "--agent-id",
+        required=True,
+        help="agent id, written as the client certificate's common name",
+    )
     init.set_defaults(func=cmd_certs_init)
     return parser
 

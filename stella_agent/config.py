@@ -173,7 +173,9 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> AgentConfig:
     """Read, override from the environment and validate an agent config file."""
     file_path = Path(path)
     try:
@@ -192,7 +194,9 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return _resolve_paths(config, file_path.parent)
 
 
-def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AgentConfig:
+def config_from_mapping(
+    raw: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> AgentConfig:
     """Build an AgentConfig from parsed YAML, applying environment overrides."""
     merged: dict[str, Any] = {key: value for key, value in raw.items()}
     if env:
@@ -201,7 +205,9 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = 
     top_level = {f.name for f in fields(AgentConfig)}
     for key in merged:
         if key not in top_level:
-            raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(sorted(top_level))}")
+            raise ConfigError(
+                f"unknown config key '{key}'; known keys: {', '.join(sorted(top_level))}"
+            )
 
     kwargs: dict[str, Any] = {}
     for f in fields(AgentConfig):
@@ -214,7 +220,9 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = 
             kwargs[f.name] = _coerce(f.name, f.type, value)
 
     if "agent_id" not in kwargs or not kwargs["agent_id"]:
-        raise ConfigError("config key 'agent_id' is required: set it to the identity in the agent's certificate")
+        raise ConfigError(
+            "config key 'agent_id' is required: set it to the identity in the agent's certificate"
+        )
     config = AgentConfig(**kwargs)
     _validate(config)
     return config
@@ -224,7 +232,9 @@ def _build_section(name: str, cls: type, value: Any) -> Any:
     if value is None:
         return cls()
     if not isinstance(value, dict):
-        raise ConfigError(f"config key '{name}' must be a mapping, got {type(value).__name__}")
+        raise ConfigError(
+            f"config key '{name}' must be a mapping, got {type(value).__name__}"
+        )
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, item in value.items():
@@ -246,7 +256,14 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
     if expected == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "false",
+            "1",
+            "0",
+            "yes",
+            "no",
+        ):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     if expected == "int":
@@ -255,21 +272,29 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+            raise ConfigError(
+                f"config key '{key}' must be an integer, got {value!r}"
+            ) from None
     if expected == "float":
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+            raise ConfigError(
+                f"config key '{key}' must be a number, got {value!r}"
+            ) from None
     if expected.startswith("tuple[str"):
         if isinstance(value, str):
             value = [part for part in value.split(",") if part]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"config key '{key}' must be a list of strings, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' must be a list of strings, got {value!r}"
+            )
         return tuple(value)
-    raise ConfigError(f"config key '{key}' has an unsupported type {expected}")  # pragma: no cover
+    raise ConfigError(
+        f"config key '{key}' has an unsupported type {expected}"
+    )  # pragma: no cover
 
 
 def _apply_env_overrides(merged: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -298,17 +323,27 @@ def _validate(config: AgentConfig) -> None:
             "digits, '.', '_' or '-', starting with a letter or digit"
         )
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"config key 'log_level' must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
+        raise ConfigError(
+            f"config key 'log_level' must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}"
+        )
     address = config.orchestrator.address
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"config key 'orchestrator.address' must be host:port, got {address!r}")
+        raise ConfigError(
+            f"config key 'orchestrator.address' must be host:port, got {address!r}"
+        )
     if config.tasks.busy_policy not in ("wait", "reject"):
-        raise ConfigError(f"config key 'tasks.busy_policy' must be 'wait' or 'reject', got {config.tasks.busy_policy!r}")
+        raise ConfigError(
+            f"config key 'tasks.busy_policy' must be 'wait' or 'reject', got {config.tasks.busy_policy!r}"
+        )
     if config.tasks.max_concurrent < 1:
-        raise ConfigError(f"config key 'tasks.max_concurrent' must be at least 1, got {config.tasks.max_concurrent}")
+        raise ConfigError(
+            f"config key 'tasks.max_concurrent' must be at least 1, got {config.tasks.max_concurrent}"
+        )
     if config.sticker.location not in ("host", "volume"):
-        raise ConfigError(f"config key 'sticker.location' must be 'host' or 'volume', got {config.sticker.location!r}")
+        raise ConfigError(
+            f"config key 'sticker.location' must be 'host' or 'volume', got {config.sticker.location!r}"
+        )
     for command in config.tasks.host_command_allowlist:
         if not command.startswith("/"):
             raise ConfigError(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stella.agent.v1 import gateway_pb2, result_pb2, task_pb2
+
 from stella_agent.errors import InvalidTaskError, TaskError
 from stella_agent.executors.base import TaskContext
 from stella_agent.logstream import ChunkSink
@@ -94,7 +95,9 @@ class Dispatcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
 
     def running_task_ids(self) -> list[str]:
-        return [task_id for task_id, entry in self.entries.items() if entry.result is None]
+        return [
+            task_id for task_id, entry in self.entries.items() if entry.result is None
+        ]
 
     def receive(self, task: task_pb2.AgentTask) -> None:
         """Handle a task from the orchestrator: reject, join or queue it."""
@@ -121,7 +124,14 @@ class Dispatcher:
             return
 
         if not self._accepting:
-            self._reject(task, TaskError("the agent is shutting down; send the task again later", error_type="shutting_down", retriable=True))
+            self._reject(
+                task,
+                TaskError(
+                    "the agent is shutting down; send the task again later",
+                    error_type="shutting_down",
+                    retriable=True,
+                ),
+            )
             return
 
         entry = TaskEntry(task)
@@ -162,7 +172,10 @@ class Dispatcher:
         self._on_event(
             gateway_pb2.ConnectRequest(
                 task_rejected=gateway_pb2.TaskRejected(
-                    task_id=task_id, error_type=exc.error_type, error=exc.message, retriable=exc.retriable
+                    task_id=task_id,
+                    error_type=exc.error_type,
+                    error=exc.message,
+                    retriable=exc.retriable,
                 )
             )
         )
@@ -187,7 +200,11 @@ class Dispatcher:
         entry = TaskEntry(task)
         self.entries[task.id] = entry
         self._emit_accepted(task.id, duplicate=True, original=original_id)
-        logger.info("task %s has the idempotency key of task %s; joined, not run", task.id, original_id)
+        logger.info(
+            "task %s has the idempotency key of task %s; joined, not run",
+            task.id,
+            original_id,
+        )
 
         async def deliver() -> None:
             await original.done.wait()
@@ -202,11 +219,15 @@ class Dispatcher:
 
         asyncio.get_running_loop().create_task(deliver())
 
-    def _emit_accepted(self, task_id: str, duplicate: bool = False, original: str = "") -> None:
+    def _emit_accepted(
+        self, task_id: str, duplicate: bool = False, original: str = ""
+    ) -> None:
         self._on_event(
             gateway_pb2.ConnectRequest(
                 task_accepted=gateway_pb2.TaskAccepted(
-                    task_id=task_id, duplicate=duplicate, original_task_id=original if duplicate else ""
+                    task_id=task_id,
+                    duplicate=duplicate,
+                    original_task_id=original if duplicate else "",
                 )
             )
         )

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from stella.agent.v1 import result_pb2
 
 MAX_CHUNK_BYTES = 64 * 1024

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from stella.agent.v1 import result_pb2, task_pb2
+
 from stella_agent.config import AgentConfig
 from stella_agent.errors import InvalidTaskError, TaskError, TaskExpiredError
 from stella_agent.executors.base import Executor, TaskContext
@@ -102,7 +102,12 @@ class TaskRunner:
                 )
             if context.docker is None:
                 context.docker = self.docker_client()
-            context.log.info("task %s (%s) started on the %s executor", task.id, type_name(task.type), executor_name)
+            context.log.info(
+                "task %s (%s) started on the %s executor",
+                task.id,
+                type_name(task.type),
+                executor_name,
+            )
             outcome = await executor.run(context)
         except TaskError as exc:
             result.success = False
@@ -125,10 +130,15 @@ class TaskRunner:
             if not outcome.success:
                 result.error = outcome.error
                 result.error_type = outcome.error_type
-            context.log.info("task %s", "succeeded" if outcome.success else "finished: " + outcome.error)
+            context.log.info(
+                "task %s",
+                "succeeded" if outcome.success else "finished: " + outcome.error,
+            )
         metrics = context.metrics
         result.metrics.pull_duration_ms = metrics.pull_duration_ms
-        result.metrics.deploy_duration_ms = metrics.deploy_duration_ms or int((time.monotonic() - started) * 1000)
+        result.metrics.deploy_duration_ms = metrics.deploy_duration_ms or int(
+            (time.monotonic() - started) * 1000
+        )
         result.metrics.health_check_duration_ms = metrics.health_check_duration_ms
         result.completed_at.CopyFrom(now_timestamp())
         result.logs = context.log.tail()

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
+
 from stella_agent import __version__
 from stella_agent.certs import TlsFiles
 from stella_agent.config import AgentConfig
@@ -87,7 +87,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ]
     if config.orchestrator.server_name:
-        options.append(("grpc.ssl_target_name_override", config.orchestrator.server_name))
+        options.append(
+            ("grpc.ssl_target_name_override", config.orchestrator.server_name)
+        )
     return options
 
 
@@ -205,7 +207,12 @@ class AgentSession:
                     delay = self.config.orchestrator.reconnect_initial_seconds
                 self.connected.clear()
                 wait = delay * random.uniform(0.5, 1.0)
-                logger.warning("disconnected from %s (%s); reconnecting in %.1fs", self.config.orchestrator.address, reason, wait)
+                logger.warning(
+                    "disconnected from %s (%s); reconnecting in %.1fs",
+                    self.config.orchestrator.address,
+                    reason,
+                    wait,
+                )
                 try:
                     await asyncio.wait_for(self._stopping.wait(), wait)
                 except TimeoutError:
@@ -219,17 +226,23 @@ class AgentSession:
 
     async def _run_stream(self) -> None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+            root_certificates=self.tls.ca,
+            private_key=self.tls.key,
+            certificate_chain=self.tls.cert,
         )
         if self._channel is not None:
             await self._channel.close()
         self._channel = grpc.aio.secure_channel(
-            self.config.orchestrator.address, credentials, options=channel_options(self.config)
+            self.config.orchestrator.address,
+            credentials,
+            options=channel_options(self.config),
         )
         stub = gateway_pb2_grpc.AgentGatewayStub(self._channel)
         call = stub.Connect()
         await call.write(gateway_pb2.ConnectRequest(hello=self._hello()))
-        response = await asyncio.wait_for(call.read(), self.config.orchestrator.connect_timeout_seconds)
+        response = await asyncio.wait_for(
+            call.read(), self.config.orchestrator.connect_timeout_seconds
+        )
         if response is grpc.aio.EOF:
             await call.wait_for_connection()
             code = await call.code()
@@ -237,10 +250,16 @@ class AgentSession:
                 raise _StatusError(code, await call.details())
             raise ConnectionError("stream ended before Welcome")
         if response.WhichOneof("body") != "welcome":
-            raise ConnectionError(f"expected Welcome, got {response.WhichOneof('body')}")
+            raise ConnectionError(
+                f"expected Welcome, got {response.WhichOneof('body')}"
+            )
         welcome = response.welcome
         self.streams_opened += 1
-        logger.info("connected to %s (session %s)", self.config.orchestrator.address, welcome.session_id)
+        logger.info(
+            "connected to %s (session %s)",
+            self.config.orchestrator.address,
+            welcome.session_id,
+        )
 
         outgoing: asyncio.Queue[gateway_pb2.ConnectRequest] = asyncio.Queue()
         self._resend(outgoing, welcome)
@@ -310,7 +329,9 @@ class AgentSession:
                 self.spool.drop(task_id)
                 logger.debug("result of task %s acknowledged", task_id)
         elif kind == "signed_task":
-            logger.warning("received a signed task, but signed tasks are not enabled; ignored")
+            logger.warning(
+                "received a signed task, but signed tasks are not enabled; ignored"
+            )
         elif kind in ("heartbeat", "welcome"):
             pass
 
@@ -327,7 +348,8 @@ class AgentSession:
             outgoing.put_nowait(
                 gateway_pb2.ConnectRequest(
                     heartbeat=gateway_pb2.Heartbeat(
-                        sent_at=sent_at, running_tasks=len(self.dispatcher.running_task_ids())
+                        sent_at=sent_at,
+                        running_tasks=len(self.dispatcher.running_task_ids()),
                     )
                 )
             )

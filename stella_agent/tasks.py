@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 from google.protobuf import json_format
-
 from stella.agent.v1 import task_pb2
+
 from stella_agent.errors import ConfigError, InvalidTaskError
 
 TYPE_NAMES: dict[int, str] = {
@@ -81,9 +81,13 @@ def load_task_file(path: str | Path) -> task_pb2.AgentTask:
         else:
             data = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"task file {file_path} is not valid JSON or YAML: {exc}") from None
+        raise ConfigError(
+            f"task file {file_path} is not valid JSON or YAML: {exc}"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"task file {file_path} must hold a mapping (an AgentTask in JSON form)")
+        raise ConfigError(
+            f"task file {file_path} must hold a mapping (an AgentTask in JSON form)"
+        )
     try:
         return task_from_dict(data)
     except ConfigError as exc:
@@ -128,7 +132,9 @@ def validate_task(task: task_pb2.AgentTask) -> None:
             f"got {actual_payload or 'none'}"
         )
     if task.executor not in EXECUTOR_NAMES:
-        raise InvalidTaskError(f"unknown executor {task.executor}; expected docker or compose")
+        raise InvalidTaskError(
+            f"unknown executor {task.executor}; expected docker or compose"
+        )
 
 
 def validate_digest(value: str, field: str = "digest") -> str:
@@ -156,7 +162,9 @@ def validate_container_name(value: str, field: str = "container_name") -> str:
 def validate_repository(value: str, field: str = "image") -> str:
     """Return `value` if it is an image repository without tag or digest."""
     if not value:
-        raise InvalidTaskError(f"{field} is required: the image repository, without tag or digest")
+        raise InvalidTaskError(
+            f"{field} is required: the image repository, without tag or digest"
+        )
     if "@" in value:
         raise InvalidTaskError(
             f"{field} {value[:200]!r} must not contain a digest; put the digest in the digest field"

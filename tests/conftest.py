@@ -62,15 +62,24 @@ def docker_client():
 @pytest.fixture(scope="session")
 def test_images(docker_client) -> dict[str, TestImage]:
     path = DEV_STATE / "test-images.json"
-    require(path.exists(), f"{path} is missing; run scripts/dev-env.sh to build the test images")
+    require(
+        path.exists(),
+        f"{path} is missing; run scripts/dev-env.sh to build the test images",
+    )
     data = json.loads(path.read_text())
-    images = {name: TestImage(entry["repository"], entry["digest"]) for name, entry in data.items()}
+    images = {
+        name: TestImage(entry["repository"], entry["digest"])
+        for name, entry in data.items()
+    }
     import urllib.request
 
     try:
         urllib.request.urlopen("http://127.0.0.1:5000/v2/", timeout=5).close()
     except OSError as exc:
-        require(False, f"registry on 127.0.0.1:5000 is not answering: {exc}; run scripts/dev-env.sh")
+        require(
+            False,
+            f"registry on 127.0.0.1:5000 is not answering: {exc}; run scripts/dev-env.sh",
+        )
     return images
 
 
@@ -91,7 +100,12 @@ def compose_command(docker_client) -> list[str]:
         if shutil.which(candidate[0]) is None:
             continue
         try:
-            out = subprocess.run(candidate + ["version", "--short"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                candidate + ["version", "--short"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if out.returncode == 0 and out.stdout.strip().lstrip("v").startswith("2"):

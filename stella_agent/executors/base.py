@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stella.agent.v1 import task_pb2
+
 from stella_agent.config import AgentConfig
 from stella_agent.errors import TaskCancelledError, TaskTimeoutError
 from stella_agent.logstream import TaskLog

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Callable
 
 import grpc
-
 from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2
+
 from stella_agent.certs import peer_identity
 from stella_agent.orchestrator.state import OrchestratorState
 from stella_agent.tasks import TASK_ID_PATTERN
@@ -49,7 +49,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     async def SubmitTask(self, request, context):  # noqa: N802
         operator = await self._authorize(context)
         if not request.agent_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id is required")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "agent_id is required"
+            )
         task = request.task
         if task.id and not TASK_ID_PATTERN.match(task.id):
             await context.abort(
@@ -57,7 +59,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                 f"task id {task.id[:80]!r} is invalid: use letters, digits, '.', '_', ':' or '-'",
             )
         if task.id in self.state.tasks:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"task {task.id} was already submitted")
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"task {task.id} was already submitted"
+            )
         if not task.actor:
             task.actor = operator
         if request.HasField("credentials") and (
@@ -80,18 +84,30 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
 
                 task.id = str(uuid.uuid4())
             task.credentials.CopyFrom(
-                self.credential_sealer(agent.hello.public_key, request.agent_id, task.id, request.credentials)
+                self.credential_sealer(
+                    agent.hello.public_key,
+                    request.agent_id,
+                    task.id,
+                    request.credentials,
+                )
             )
         artifacts = {item.name: item.content for item in request.artifacts}
         record = self.state.submit(request.agent_id, task, artifacts)
-        logger.info("operator %s submitted task %s for agent %s", operator, record.task_id, request.agent_id)
+        logger.info(
+            "operator %s submitted task %s for agent %s",
+            operator,
+            record.task_id,
+            request.agent_id,
+        )
         return control_pb2.SubmitTaskResponse(task_id=record.task_id)
 
     async def WatchTask(self, request, context):  # noqa: N802
         await self._authorize(context)
         record = self.state.tasks.get(request.task_id)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}"
+            )
         sent = 0
         while True:
             changed = record.changed
@@ -112,13 +128,17 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         await self._authorize(context)
         record = self.state.tasks.get(request.task_id)
         if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}"
+            )
         connection = self.state.agents.get(record.agent_id)
         if connection is None or record.done:
             return control_pb2.CancelTaskResponse(sent=False)
         connection.outgoing.put_nowait(
             gateway_pb2.ConnectResponse(
-                cancel=gateway_pb2.CancelTask(task_id=record.task_id, reason=request.reason)
+                cancel=gateway_pb2.CancelTask(
+                    task_id=record.task_id, reason=request.reason
+                )
             )
         )
         return control_pb2.CancelTaskResponse(sent=True)

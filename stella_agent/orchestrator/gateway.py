@@ -14,8 +14,8 @@ import uuid
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-
 from stella.agent.v1 import control_pb2, gateway_pb2, gateway_pb2_grpc
+
 from stella_agent.certs import peer_identity
 from stella_agent.orchestrator.state import (
     ACCEPTED,
@@ -35,7 +35,9 @@ HELLO_TIMEOUT_SECONDS = 30.0
 class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
     """Serves Connect and FetchArtifact to agents."""
 
-    def __init__(self, state: OrchestratorState, heartbeat_interval: float = 10.0) -> None:
+    def __init__(
+        self, state: OrchestratorState, heartbeat_interval: float = 10.0
+    ) -> None:
         self.state = state
         self.heartbeat_interval = heartbeat_interval
 
@@ -51,9 +53,13 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_SECONDS)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello within 30 seconds")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello within 30 seconds"
+            )
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
+            )
         hello = first.hello
         if hello.agent_id != identity:
             logger.warning(
@@ -80,11 +86,19 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         if replaced is not None:
             logger.info("agent %s opened a new stream; closing the old one", identity)
             replaced.closed.set()
-        logger.info("agent %s connected from %s (session %s)", identity, connection.peer, connection.session_id)
+        logger.info(
+            "agent %s connected from %s (session %s)",
+            identity,
+            connection.peer,
+            connection.session_id,
+        )
 
         welcome = gateway_pb2.Welcome(
             session_id=connection.session_id,
-            heartbeat_interval=Duration(seconds=int(self.heartbeat_interval), nanos=int(self.heartbeat_interval % 1 * 1e9)),
+            heartbeat_interval=Duration(
+                seconds=int(self.heartbeat_interval),
+                nanos=int(self.heartbeat_interval % 1 * 1e9),
+            ),
             log_positions=self.state.log_positions(identity),
         )
         await context.write(gateway_pb2.ConnectResponse(welcome=welcome))
@@ -96,18 +110,28 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         finally:
             reader.cancel()
             self.state.disconnect(connection)
-            logger.info("agent %s disconnected (session %s)", identity, connection.session_id)
+            logger.info(
+                "agent %s disconnected (session %s)", identity, connection.session_id
+            )
 
-    async def _write_loop(self, context, connection: AgentConnection, reader: asyncio.Task) -> None:
+    async def _write_loop(
+        self, context, connection: AgentConnection, reader: asyncio.Task
+    ) -> None:
         closed = asyncio.create_task(connection.closed.wait())
         try:
             while True:
                 getter = asyncio.create_task(connection.outgoing.get())
-                done, _ = await asyncio.wait({getter, reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, closed}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
                     if reader in done and reader.exception() is not None:
-                        logger.warning("stream of agent %s failed: %s", connection.agent_id, reader.exception())
+                        logger.warning(
+                            "stream of agent %s failed: %s",
+                            connection.agent_id,
+                            reader.exception(),
+                        )
                     return
                 await context.write(getter.result())
         finally:
@@ -120,7 +144,9 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
                 return
             self.handle(connection, message)
 
-    def handle(self, connection: AgentConnection, message: gateway_pb2.ConnectRequest) -> None:
+    def handle(
+        self, connection: AgentConnection, message: gateway_pb2.ConnectRequest
+    ) -> None:
         """Apply one message from an agent to the state."""
         kind = message.WhichOneof("body")
         agent_id = connection.agent_id
@@ -131,13 +157,17 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
             if record.agent_id != agent_id:
                 return
             record.status = ACCEPTED
-            record.add_event(control_pb2.WatchTaskResponse(accepted=message.task_accepted))
+            record.add_event(
+                control_pb2.WatchTaskResponse(accepted=message.task_accepted)
+            )
         elif kind == "task_rejected":
             record = self.state.record_for(message.task_rejected.task_id, agent_id)
             if record.agent_id != agent_id:
                 return
             record.status = REJECTED
-            record.add_event(control_pb2.WatchTaskResponse(rejected=message.task_rejected))
+            record.add_event(
+                control_pb2.WatchTaskResponse(rejected=message.task_rejected)
+            )
         elif kind == "log_chunk":
             self._handle_log_chunk(agent_id, message)
         elif kind == "task_result":
@@ -147,11 +177,18 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         elif kind == "hello":
             logger.warning("agent %s sent a second Hello; ignored", agent_id)
 
-    def _handle_log_chunk(self, agent_id: str, message: gateway_pb2.ConnectRequest) -> None:
+    def _handle_log_chunk(
+        self, agent_id: str, message: gateway_pb2.ConnectRequest
+    ) -> None:
         chunk = message.log_chunk
         record = self.state.record_for(chunk.task_id, agent_id)
         if record.agent_id != agent_id:
-            logger.warning("agent %s sent a log chunk for task %s of agent %s", agent_id, chunk.task_id, record.agent_id)
+            logger.warning(
+                "agent %s sent a log chunk for task %s of agent %s",
+                agent_id,
+                chunk.task_id,
+                record.agent_id,
+            )
             return
         # Chunks arrive in order; a resend after reconnect may repeat some.
         if chunk.sequence < record.next_log_sequence:
@@ -166,7 +203,9 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         record.next_log_sequence = chunk.sequence + 1
         record.add_event(control_pb2.WatchTaskResponse(log_chunk=chunk))
 
-    def _handle_result(self, connection: AgentConnection, message: gateway_pb2.ConnectRequest) -> None:
+    def _handle_result(
+        self, connection: AgentConnection, message: gateway_pb2.ConnectRequest
+    ) -> None:
         result = message.task_result
         record = self.state.record_for(result.task_id, connection.agent_id)
         if record.agent_id != connection.agent_id:
@@ -188,7 +227,9 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
                 "success" if result.success else f"{result.error_type}: {result.error}",
             )
         connection.outgoing.put_nowait(
-            gateway_pb2.ConnectResponse(result_ack=gateway_pb2.ResultAck(task_id=result.task_id))
+            gateway_pb2.ConnectResponse(
+                result_ack=gateway_pb2.ResultAck(task_id=result.task_id)
+            )
         )
 
     async def FetchArtifact(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
@@ -207,7 +248,9 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
             )
         first = True
         for start in range(0, max(len(content), 1), ARTIFACT_CHUNK_BYTES):
-            response = gateway_pb2.FetchArtifactResponse(data=content[start : start + ARTIFACT_CHUNK_BYTES])
+            response = gateway_pb2.FetchArtifactResponse(
+                data=content[start : start + ARTIFACT_CHUNK_BYTES]
+            )
             if first:
                 response.total_size = len(content)
                 first = False

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+
 from stella_agent.certs import OPERATOR_IDENTITY, read_tls_files
 from stella_agent.orchestrator.control import ControlServicer
 from stella_agent.orchestrator.gateway import AgentGatewayServicer
@@ -41,7 +41,9 @@ class OrchestratorConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
-    operator_identities: frozenset[str] = field(default_factory=lambda: frozenset({OPERATOR_IDENTITY}))
+    operator_identities: frozenset[str] = field(
+        default_factory=lambda: frozenset({OPERATOR_IDENTITY})
+    )
     heartbeat_interval: float = 10.0
 
 
@@ -56,7 +58,12 @@ class Orchestrator:
 
     async def start(self) -> int:
         """Bind and start serving; return the bound port."""
-        tls = read_tls_files(self.config.ca_file, self.config.cert_file, self.config.key_file, key_name="orchestrator")
+        tls = read_tls_files(
+            self.config.ca_file,
+            self.config.cert_file,
+            self.config.key_file,
+            key_name="orchestrator",
+        )
         credentials = grpc.ssl_server_credentials(
             [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
         )
@@ -83,7 +90,9 @@ class Orchestrator:
         for name in ("", *service_names[:2]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
-        logger.info("orchestrator listening on %s (port %d)", self.config.listen, self.port)
+        logger.info(
+            "orchestrator listening on %s (port %d)", self.config.listen, self.port
+        )
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from stella.agent.v1 import control_pb2, gateway_pb2, result_pb2, task_pb2
 
 QUEUED = "queued"
@@ -63,7 +62,9 @@ class AgentConnection:
     session_id: str
     hello: gateway_pb2.Hello
     peer: str
-    outgoing: asyncio.Queue[gateway_pb2.ConnectResponse] = field(default_factory=asyncio.Queue)
+    outgoing: asyncio.Queue[gateway_pb2.ConnectResponse] = field(
+        default_factory=asyncio.Queue
+    )
     connected_at: Timestamp = field(default_factory=_now)
     last_heartbeat_at: Timestamp = field(default_factory=_now)
     running_task_ids: list[str] = field(default_factory=list)
@@ -135,7 +136,11 @@ class OrchestratorState:
             connection.hello.unacknowledged_task_ids
         )
         for record in self.tasks.values():
-            if record.agent_id != connection.agent_id or record.done or record.task is None:
+            if (
+                record.agent_id != connection.agent_id
+                or record.done
+                or record.task is None
+            ):
                 continue
             if record.task_id in known:
                 continue
@@ -149,13 +154,17 @@ class OrchestratorState:
 
     def log_positions(self, agent_id: str) -> list[gateway_pb2.LogPosition]:
         return [
-            gateway_pb2.LogPosition(task_id=r.task_id, next_sequence=r.next_log_sequence)
+            gateway_pb2.LogPosition(
+                task_id=r.task_id, next_sequence=r.next_log_sequence
+            )
             for r in self.tasks.values()
             if r.agent_id == agent_id and r.next_log_sequence > 1
         ]
 
 
-def _fill_artifact_digests(task: task_pb2.AgentTask, artifacts: dict[str, bytes]) -> None:
+def _fill_artifact_digests(
+    task: task_pb2.AgentTask, artifacts: dict[str, bytes]
+) -> None:
     """Set sha256 and size of artifact references whose content was given."""
     if task.WhichOneof("payload") != "deploy":
         return

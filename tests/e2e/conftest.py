@@ -65,7 +65,9 @@ class Process:
         self.stop(signal.SIGKILL)
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        )
 
     def wait_for_output(self, text: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -75,7 +77,9 @@ class Process:
             if self.proc is not None and self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} not in output of {self.args[0]}:\n{self.output()[-4000:]}")
+        raise AssertionError(
+            f"{text!r} not in output of {self.args[0]}:\n{self.output()[-4000:]}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +94,15 @@ def pki(tmp_path_factory) -> Path:
 def orchestrator(pki, tmp_path):
     port = free_port()
     process = Process(
-        ["orchestrator", "--listen", f"127.0.0.1:{port}", "--certs", str(pki), "--heartbeat-interval", "1"],
+        [
+            "orchestrator",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--certs",
+            str(pki),
+            "--heartbeat-interval",
+            "1",
+        ],
         tmp_path / "orchestrator.log",
     )
     process.port = port  # type: ignore[attr-defined]
@@ -101,7 +113,15 @@ def orchestrator(pki, tmp_path):
     process.stop()
 
 
-def write_agent_config(path: Path, pki: Path, address: str, state_dir: Path, agent_id: str = AGENT_ID, cert_id: str | None = None, **sections) -> Path:
+def write_agent_config(
+    path: Path,
+    pki: Path,
+    address: str,
+    state_dir: Path,
+    agent_id: str = AGENT_ID,
+    cert_id: str | None = None,
+    **sections,
+) -> Path:
     cert_id = cert_id or agent_id
     config = {
         "agent_id": agent_id,
@@ -127,7 +147,9 @@ def write_agent_config(path: Path, pki: Path, address: str, state_dir: Path, age
 
 @pytest.fixture
 def agent(pki, orchestrator, tmp_path):
-    config = write_agent_config(tmp_path / "agent.yaml", pki, orchestrator.address, tmp_path / "state")
+    config = write_agent_config(
+        tmp_path / "agent.yaml", pki, orchestrator.address, tmp_path / "state"
+    )
     process = Process(["run", "--config", str(config)], tmp_path / "agent.log")
     process.start()
     yield process
@@ -146,6 +168,12 @@ def control_client(pki: Path, address: str) -> ControlClient:
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch):
     # gRPC honours http_proxy; loopback traffic must never go through one.
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
+    for name in (
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "grpc_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     os.environ.setdefault("no_proxy", "127.0.0.1,localhost")

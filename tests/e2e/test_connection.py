@@ -8,11 +8,17 @@ import subprocess
 
 import grpc
 import pytest
-
 from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, task_pb2
+
 from stella_agent.certs import read_tls_files
 from tests.conftest import require
-from tests.e2e.conftest import AGENT_ID, Process, control_client, run, write_agent_config
+from tests.e2e.conftest import (
+    AGENT_ID,
+    Process,
+    control_client,
+    run,
+    write_agent_config,
+)
 
 
 def test_agent_connects_and_is_listed(pki, orchestrator, agent):
@@ -32,9 +38,13 @@ def test_malformed_task_gets_result_and_agent_keeps_serving(pki, orchestrator, a
         async with control_client(pki, orchestrator.address) as client:
             await client.wait_for_agent(AGENT_ID)
             no_payload = task_pb2.AgentTask(id="bad-1", type=task_pb2.TASK_TYPE_DEPLOY)
-            first = await client.follow(await client.submit(AGENT_ID, no_payload), timeout=30)
+            first = await client.follow(
+                await client.submit(AGENT_ID, no_payload), timeout=30
+            )
             unknown_type = task_pb2.AgentTask(id="bad-2", type=42)
-            second = await client.follow(await client.submit(AGENT_ID, unknown_type), timeout=30)
+            second = await client.follow(
+                await client.submit(AGENT_ID, unknown_type), timeout=30
+            )
             bad_digest = task_pb2.AgentTask(
                 id="bad-3",
                 type=task_pb2.TASK_TYPE_DEPLOY,
@@ -44,7 +54,9 @@ def test_malformed_task_gets_result_and_agent_keeps_serving(pki, orchestrator, a
                     config=task_pb2.DeployConfig(container_name="stella-test-never"),
                 ),
             )
-            third = await client.follow(await client.submit(AGENT_ID, bad_digest), timeout=60)
+            third = await client.follow(
+                await client.submit(AGENT_ID, bad_digest), timeout=60
+            )
             return first, second, third
 
     first, second, third = run(scenario())
@@ -60,13 +72,23 @@ def test_malformed_task_gets_result_and_agent_keeps_serving(pki, orchestrator, a
 
 def test_hello_with_foreign_agent_id_is_rejected(pki, orchestrator):
     # The certificate says e2e-agent; the Hello claims other-agent.
-    tls = read_tls_files(str(pki / "ca.crt"), str(pki / f"agent-{AGENT_ID}.crt"), str(pki / f"agent-{AGENT_ID}.key"))
+    tls = read_tls_files(
+        str(pki / "ca.crt"),
+        str(pki / f"agent-{AGENT_ID}.crt"),
+        str(pki / f"agent-{AGENT_ID}.key"),
+    )
 
     async def scenario():
         credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-        async with grpc.aio.secure_channel(orchestrator.address, credentials) as channel:
+        async with grpc.aio.secure_channel(
+            orchestrator.address, credentials
+        ) as channel:
             call = gateway_pb2_grpc.AgentGatewayStub(channel).Connect()
-            await call.write(gateway_pb2.ConnectRequest(hello=gateway_pb2.Hello(agent_id="other-agent")))
+            await call.write(
+                gateway_pb2.ConnectRequest(
+                    hello=gateway_pb2.Hello(agent_id="other-agent")
+                )
+            )
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await call.read()
             return raised.value
@@ -80,7 +102,12 @@ def test_hello_with_foreign_agent_id_is_rejected(pki, orchestrator):
 
 def test_agent_refuses_to_start_with_foreign_certificate(pki, orchestrator, tmp_path):
     config = write_agent_config(
-        tmp_path / "agent.yaml", pki, orchestrator.address, tmp_path / "state", agent_id="other-agent", cert_id=AGENT_ID
+        tmp_path / "agent.yaml",
+        pki,
+        orchestrator.address,
+        tmp_path / "state",
+        agent_id="other-agent",
+        cert_id=AGENT_ID,
     )
     process = Process(["run", "--config", str(config)], tmp_path / "agent.log")
     process.start()
@@ -96,7 +123,9 @@ def test_agent_with_wrong_ca_reports_cause_and_retries(pki, orchestrator, tmp_pa
 
     other = tmp_path / "other-pki"
     init_dev_pki(other, AGENT_ID)
-    config = write_agent_config(tmp_path / "agent.yaml", pki, orchestrator.address, tmp_path / "state")
+    config = write_agent_config(
+        tmp_path / "agent.yaml", pki, orchestrator.address, tmp_path / "state"
+    )
     text = config.read_text().replace(str(pki / "ca.crt"), str(other / "ca.crt"))
     config.write_text(text)
     process = Process(["run", "--config", str(config)], tmp_path / "agent.log")
@@ -111,14 +140,32 @@ def test_agent_with_wrong_ca_reports_cause_and_retries(pki, orchestrator, tmp_pa
 def test_grpcurl_lists_services_by_reflection(pki, orchestrator):
     grpcurl = shutil.which("grpcurl")
     require(grpcurl is not None, "grpcurl is not installed; run scripts/dev-env.sh")
-    tls = ["-cacert", str(pki / "ca.crt"), "-cert", str(pki / "operator.crt"), "-key", str(pki / "operator.key")]
+    tls = [
+        "-cacert",
+        str(pki / "ca.crt"),
+        "-cert",
+        str(pki / "operator.crt"),
+        "-key",
+        str(pki / "operator.key"),
+    ]
 
-    listing = subprocess.run([grpcurl, *tls, orchestrator.address, "list"], capture_output=True, text=True, timeout=30)
+    listing = subprocess.run(
+        [grpcurl, *tls, orchestrator.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     health = subprocess.run(
-        [grpcurl, *tls, orchestrator.address, "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30
+        [grpcurl, *tls, orchestrator.address, "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     anonymous = subprocess.run(
-        [grpcurl, "-cacert", str(pki / "ca.crt"), orchestrator.address, "list"], capture_output=True, text=True, timeout=30
+        [grpcurl, "-cacert", str(pki / "ca.crt"), orchestrator.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
     assert listing.returncode == 0, listing.stderr

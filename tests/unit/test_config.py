@@ -22,14 +22,32 @@ def test_minimal_config_uses_defaults():
         ({}, "'agent_id' is required"),
         ({"agent_id": "bad id"}, "'agent_id' is invalid"),
         ({"agent_id": "a", "colour": 1}, "unknown config key 'colour'"),
-        ({"agent_id": "a", "tasks": {"max_concurent": 2}}, "unknown config key 'tasks.max_concurent'"),
-        ({"agent_id": "a", "tasks": {"max_concurrent": "many"}}, "'tasks.max_concurrent' must be an integer"),
-        ({"agent_id": "a", "tasks": {"max_concurrent": 0}}, "'tasks.max_concurrent' must be at least 1"),
-        ({"agent_id": "a", "orchestrator": {"address": "nohost"}}, "'orchestrator.address' must be host:port"),
+        (
+            {"agent_id": "a", "tasks": {"max_concurent": 2}},
+            "unknown config key 'tasks.max_concurent'",
+        ),
+        (
+            {"agent_id": "a", "tasks": {"max_concurrent": "many"}},
+            "'tasks.max_concurrent' must be an integer",
+        ),
+        (
+            {"agent_id": "a", "tasks": {"max_concurrent": 0}},
+            "'tasks.max_concurrent' must be at least 1",
+        ),
+        (
+            {"agent_id": "a", "orchestrator": {"address": "nohost"}},
+            "'orchestrator.address' must be host:port",
+        ),
         ({"agent_id": "a", "orchestrator": "x"}, "'orchestrator' must be a mapping"),
         ({"agent_id": "a", "tasks": {"busy_policy": "queue"}}, "'tasks.busy_policy'"),
-        ({"agent_id": "a", "tasks": {"host_command_allowlist": ["ls"]}}, "absolute paths"),
-        ({"agent_id": "a", "docker": {"pull_timeout_seconds": 0}}, "'docker.pull_timeout_seconds' must be greater"),
+        (
+            {"agent_id": "a", "tasks": {"host_command_allowlist": ["ls"]}},
+            "absolute paths",
+        ),
+        (
+            {"agent_id": "a", "docker": {"pull_timeout_seconds": 0}},
+            "'docker.pull_timeout_seconds' must be greater",
+        ),
         ({"agent_id": "a", "tls": {"ca_file": 5}}, "'tls.ca_file' must be a string"),
     ],
 )
@@ -43,7 +61,10 @@ def test_invalid_config_names_the_key(raw, message):
 def test_environment_overrides_file_values():
     config = config_from_mapping(
         {"agent_id": "a", "tasks": {"max_concurrent": 2}},
-        env={"STELLA_AGENT_TASKS_MAX_CONCURRENT": "7", "STELLA_AGENT_LOG_LEVEL": "DEBUG"},
+        env={
+            "STELLA_AGENT_TASKS_MAX_CONCURRENT": "7",
+            "STELLA_AGENT_LOG_LEVEL": "DEBUG",
+        },
     )
 
     assert config.tasks.max_concurrent == 7

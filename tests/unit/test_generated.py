@@ -20,10 +20,16 @@ def test_generated_stubs_match_protos(tmp_path):
     fresh = tmp_path / "stella" / "agent" / "v1"
 
     fresh_files = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    committed_files = sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
+    committed_files = sorted(
+        p.name
+        for p in committed.iterdir()
+        if p.is_file() and p.suffix in (".py", ".pyi")
+    )
     assert committed_files == fresh_files
     _, mismatch, errors = filecmp.cmpfiles(committed, fresh, fresh_files, shallow=False)
-    assert mismatch == [], f"regenerate with scripts/generate-protos.sh: {mismatch} differ"
+    assert mismatch == [], (
+        f"regenerate with scripts/generate-protos.sh: {mismatch} differ"
+    )
     assert errors == []
 
 
@@ -33,11 +39,15 @@ def test_every_proto_message_and_field_is_documented():
         lines = proto.read_text().splitlines()
         for number, line in enumerate(lines):
             stripped = line.strip()
-            is_declaration = stripped.startswith(("message ", "enum ", "service ", "rpc ", "oneof "))
+            is_declaration = stripped.startswith(
+                ("message ", "enum ", "service ", "rpc ", "oneof ")
+            )
             is_field = (
                 "=" in stripped
                 and stripped.endswith(";")
-                and not stripped.startswith(("syntax", "package", "option", "import", "//"))
+                and not stripped.startswith(
+                    ("syntax", "package", "option", "import", "//")
+                )
             )
             if not (is_declaration or is_field):
                 continue

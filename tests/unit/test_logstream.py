@@ -29,7 +29,9 @@ def test_large_write_is_split_at_chunk_limit():
 
     assert all(len(c.data) <= MAX_CHUNK_BYTES for c in chunks)
     assert b"".join(c.data for c in chunks) == data
-    assert [c.offset for c in chunks] == [i * MAX_CHUNK_BYTES for i in range(len(chunks))]
+    assert [c.offset for c in chunks] == [
+        i * MAX_CHUNK_BYTES for i in range(len(chunks))
+    ]
     assert log.total_bytes == len(data)
 
 
@@ -43,7 +45,9 @@ def test_tail_keeps_last_bytes():
 
 def test_masker_applies_before_chunking():
     chunks = []
-    log = TaskLog("t1", chunks.append, masker=lambda data: data.replace(b"hunter2", b"****"))
+    log = TaskLog(
+        "t1", chunks.append, masker=lambda data: data.replace(b"hunter2", b"****")
+    )
 
     log.write(STDOUT, b"password=hunter2\n")
 

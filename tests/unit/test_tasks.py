@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from stella.agent.v1 import task_pb2
+
 from stella_agent.errors import ConfigError, InvalidTaskError
 from stella_agent.tasks import (
     load_task_file,
@@ -34,7 +34,9 @@ def test_yaml_task_file_accepts_canonical_names(tmp_path):
 
 def test_json_task_file_accepts_enum_names(tmp_path):
     path = tmp_path / "task.json"
-    path.write_text('{"id": "t1", "type": "TASK_TYPE_DEPLOY", "deploy": {"image": "x"}}')
+    path.write_text(
+        '{"id": "t1", "type": "TASK_TYPE_DEPLOY", "deploy": {"image": "x"}}'
+    )
 
     task = load_task_file(path)
 
@@ -60,11 +62,20 @@ def test_task_file_with_unknown_field_names_it(tmp_path):
         (task_pb2.AgentTask(id="t"), "unknown task type 0"),
         (task_pb2.AgentTask(id="t", type=99), "unknown task type 99"),
         (
-            task_pb2.AgentTask(id="t", type=task_pb2.TASK_TYPE_DEPLOY, inspect=task_pb2.InspectPayload()),
+            task_pb2.AgentTask(
+                id="t",
+                type=task_pb2.TASK_TYPE_DEPLOY,
+                inspect=task_pb2.InspectPayload(),
+            ),
             "needs the 'deploy' payload, got inspect",
         ),
         (
-            task_pb2.AgentTask(id="t", type=task_pb2.TASK_TYPE_INSPECT, inspect=task_pb2.InspectPayload(), executor=7),
+            task_pb2.AgentTask(
+                id="t",
+                type=task_pb2.TASK_TYPE_INSPECT,
+                inspect=task_pb2.InspectPayload(),
+                executor=7,
+            ),
             "unknown executor 7",
         ),
     ],
@@ -78,7 +89,15 @@ def test_invalid_task_is_rejected(task, message):
 
 
 @pytest.mark.parametrize(
-    "value", ["", "sha256:abc", "sha256:" + "A" * 64, "sha512:" + "a" * 64, DIGEST + "0", "a" * 64]
+    "value",
+    [
+        "",
+        "sha256:abc",
+        "sha256:" + "A" * 64,
+        "sha512:" + "a" * 64,
+        DIGEST + "0",
+        "a" * 64,
+    ],
 )
 def test_invalid_digest_is_rejected(value):
     with pytest.raises(InvalidTaskError, match="expected 'sha256:' followed by 64"):
@@ -104,7 +123,10 @@ def test_invalid_repository_is_rejected(value, message):
         validate_repository(value)
 
 
-@pytest.mark.parametrize("value", ["web", "library/web", "127.0.0.1:5000/stella-test/web", "reg.example.com/a/b_c"])
+@pytest.mark.parametrize(
+    "value",
+    ["web", "library/web", "127.0.0.1:5000/stella-test/web", "reg.example.com/a/b_c"],
+)
 def test_valid_repository_passes(value):
     assert validate_repository(value) == value
 
