@@ -9,13 +9,14 @@ import signal
 from collections.abc import Mapping
 
 import grpc
-from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc
 
+from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import certificate_identity, read_tls_files
 from stella_agent.config import AgentConfig
 from stella_agent.dispatcher import Dispatcher
 from stella_agent.errors import CertificateError, InvalidTaskError, TaskError
 from stella_agent.executors.base import Executor
+from stella_agent.journal import Journal
 from stella_agent.runner import TaskRunner
 from stella_agent.session import AgentSession
 
@@ -110,9 +111,12 @@ async def run_agent(config: AgentConfig) -> int:
         config, build_executors(config, fetcher), docker_client_factory(config)
     )
 
+    journal = Journal(config.state_path / "journal.db")
+
     def make_dispatcher(session: AgentSession) -> Dispatcher:
         return Dispatcher(
             runner,
+            journal,
             on_event=session.send_event,
             chunk_sink_for=session.chunk_sink,
             on_result=session.deliver_result,

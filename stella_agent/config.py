@@ -92,6 +92,9 @@ class TasksConfig:
     """Tasks that run at the same time (on different targets)."""
     idempotency_window_seconds: float = 86400.0
     """How long idempotency keys and their results are remembered."""
+    shutdown_grace_seconds: float = 60.0
+    """On SIGTERM, how long running tasks may take to finish before the agent
+    exits; unfinished ones are recovered on the next start."""
     busy_policy: str = "wait"
     """A task for a target that another task is using: "wait" or "reject"."""
     allow_host_commands: bool = False

@@ -1,28 +1,40 @@
 """Decide whether, when and where a received task runs.
 
-The dispatcher owns every task the agent has seen: it rejects invalid and
-expired ones before they run, answers a repeated task id or idempotency key
-with the first task instead of running it again, runs tasks by priority and
-arrival with a bounded number at a time, and never runs two tasks on the same
-target (container name or Compose stack) at once. Results go to a callback;
-the session keeps them until the orchestrator acknowledges them.
+The dispatcher owns every task the agent receives:
+
+- it records the task in the journal before accepting it;
+- it rejects invalid and expired tasks, and tasks for other agents or targets,
+  before anything runs, and still produces a result for them;
+- it never runs a task id twice, and answers a task whose idempotency key was
+  seen within the window with the first task's result (joining it while it
+  runs);
+- it runs tasks by priority, then arrival, at most ``tasks.max_concurrent`` at
+  a time, and never two on the same target (container name or Compose stack)
+  at once: the second waits, or is rejected as busy when the policy says so;
+- on start it finishes the tasks the journal shows as unfinished, through the
+  executors' crash recovery;
+- on drain it stops accepting and lets running tasks finish within a grace
+  period.
+
+Results go to ``on_result`` after they are in the journal's outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stella.agent.v1 import gateway_pb2, result_pb2, task_pb2
-
 from stella_agent.errors import InvalidTaskError, TaskError
 from stella_agent.executors.base import TaskContext
+from stella_agent.journal import FINISHED, RECEIVED, REJECTED, Journal
 from stella_agent.logstream import ChunkSink
 from stella_agent.runner import TaskRunner, check_expiry, now_timestamp
-from stella_agent.tasks import EXECUTOR_NAMES, type_name, validate_task
+from stella_agent.tasks import EXECUTOR_NAMES, TASK_ID_PATTERN, type_name, validate_task
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +50,26 @@ def target_key(task: task_pb2.AgentTask) -> str:
         stack = getattr(payload, "stack_name", "") or (
             payload.config.stack_name if payload_name == "deploy" else ""
         )
-        return f"compose:{stack}"
+        if stack:
+            return f"compose:{stack}"
     name = getattr(payload, "container_name", "") or (
         payload.config.container_name if payload_name == "deploy" else ""
     )
     if name:
         return f"docker:{name}"
-    # Tasks that touch no container (stickers, host uploads) lock their task id.
+    # Tasks that touch no container (stickers, host uploads) lock nothing shared.
     return f"task:{task.id}"
 
 
 @dataclass
 class TaskEntry:
-    """A task the dispatcher knows about."""
+    """A task the dispatcher holds in memory while it is pending or running."""
 
     task: task_pb2.AgentTask
+    key: str
     context: TaskContext | None = None
     result: result_pb2.TaskResult | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    joined_task_ids: list[str] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -65,67 +78,59 @@ class Dispatcher:
     def __init__(
         self,
         runner: TaskRunner,
+        journal: Journal,
         *,
         on_event: Callable[[gateway_pb2.ConnectRequest], None],
         chunk_sink_for: Callable[[str], ChunkSink],
         on_result: Callable[[result_pb2.TaskResult], None],
     ) -> None:
         self.runner = runner
+        self.journal = journal
         self.config = runner.config
         self._on_event = on_event
         self._chunk_sink_for = chunk_sink_for
         self._on_result = on_result
         self.entries: dict[str, TaskEntry] = {}
-        self._by_key: dict[str, str] = {}
-        self._slots = asyncio.Semaphore(self.config.tasks.max_concurrent)
-        self._target_locks: dict[str, asyncio.Lock] = {}
-        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._pending: list[tuple[int, int, str]] = []
+        self._busy_targets: set[str] = set()
+        self._running: dict[str, asyncio.Task] = {}
         self._arrival = itertools.count()
-        self._workers: list[asyncio.Task] = []
         self._accepting = True
 
-    def start(self) -> None:
-        for _ in range(self.config.tasks.max_concurrent):
-            self._workers.append(asyncio.create_task(self._worker()))
-
-    async def stop(self) -> None:
-        self._accepting = False
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+    # Queries ------------------------------------------------------------------
 
     def running_task_ids(self) -> list[str]:
         return [
             task_id for task_id, entry in self.entries.items() if entry.result is None
         ]
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # Receiving ----------------------------------------------------------------
+
     def receive(self, task: task_pb2.AgentTask) -> None:
-        """Handle a task from the orchestrator: reject, join or queue it."""
-        existing = self.entries.get(task.id)
-        if existing is not None:
-            # The same task id again (a resend after reconnect): never run twice.
-            self._emit_accepted(task.id, duplicate=True, original=task.id)
-            if existing.result is not None:
-                self._on_result(existing.result)
+        """Handle a task from the orchestrator: reject, answer, join or queue it."""
+        if self._answer_known_task_id(task):
             return
 
+        key = target_key(task)
         try:
             validate_task(task)
             check_expiry(task)
-            self._check_target(task)
+            self._check_addressing(task)
         except TaskError as exc:
-            self._reject(task, exc)
+            self._reject(task, key, exc)
             return
 
-        key = task.idempotency_key or task.id
-        original_id = self._by_key.get(key)
-        if original_id is not None:
-            self._join(task, original_id)
+        if self._answer_known_idempotency_key(task, key):
             return
 
         if not self._accepting:
             self._reject(
                 task,
+                key,
                 TaskError(
                     "the agent is shutting down; send the task again later",
                     error_type="shutting_down",
@@ -133,26 +138,89 @@ class Dispatcher:
                 ),
             )
             return
+        if self.config.tasks.busy_policy == "reject" and self._target_in_use(key):
+            self._reject(
+                task,
+                key,
+                TaskError(
+                    f"target {key.split(':', 1)[1]!r} is busy with another task; "
+                    "send the task again when that one has finished",
+                    error_type="busy",
+                    retriable=True,
+                ),
+            )
+            return
 
-        entry = TaskEntry(task)
+        # Durable before accepted: a crash after this line still yields a result.
+        self.journal.record_received(task, key)
+        entry = TaskEntry(task, key)
         self.entries[task.id] = entry
-        self._by_key[key] = task.id
         self._emit_accepted(task.id)
-        logger.info("task %s (%s) accepted", task.id, type_name(task.type))
-        self._queue.put_nowait((-task.priority, next(self._arrival), task.id))
+        logger.info("task %s (%s) accepted for %s", task.id, type_name(task.type), key)
+        heapq.heappush(self._pending, (-task.priority, next(self._arrival), task.id))
+        self._schedule()
 
-    def cancel(self, task_id: str, reason: str) -> bool:
-        entry = self.entries.get(task_id)
-        if entry is None or entry.result is not None:
+    def _answer_known_task_id(self, task: task_pb2.AgentTask) -> bool:
+        """Answer a task id seen before without running it again."""
+        entry = self.entries.get(task.id)
+        if entry is not None:
+            self._emit_accepted(task.id, duplicate=True, original=task.id)
+            if entry.result is not None:
+                self._on_result(entry.result)
+            return True
+        if not task.id:
             return False
-        if entry.context is None:
-            # Not started yet: it will see the cancel as soon as it starts.
-            entry.context = self._new_context(entry.task)
-        entry.context.cancel(reason or "cancelled by the orchestrator")
-        logger.info("task %s: cancel requested (%s)", task_id, reason)
+        stored = self.journal.get(task.id)
+        if stored is None:
+            return False
+        self._emit_accepted(task.id, duplicate=True, original=task.id)
+        if stored.result is not None:
+            self._on_result(stored.result)
         return True
 
-    def _check_target(self, task: task_pb2.AgentTask) -> None:
+    def _answer_known_idempotency_key(self, task: task_pb2.AgentTask, key: str) -> bool:
+        """Answer a task whose idempotency key an earlier task used."""
+        if not task.idempotency_key:
+            return False
+        window = self.config.tasks.idempotency_window_seconds
+        original = self.journal.find_by_key(task.idempotency_key, window)
+        if original is None:
+            return False
+        original_id = original.task.id
+        self.journal.record_received(task, key, original_task_id=original_id)
+        self._emit_accepted(task.id, duplicate=True, original=original_id)
+        logger.info(
+            "task %s has the idempotency key of task %s; answered with its result, not run",
+            task.id,
+            original_id,
+        )
+        running = self.entries.get(original_id)
+        if original.result is not None:
+            self._finish_joined(task, original.result, original_id)
+        elif running is not None:
+
+            async def deliver() -> None:
+                await running.done.wait()
+                assert running.result is not None
+                self._finish_joined(task, running.result, original_id)
+
+            asyncio.get_running_loop().create_task(deliver())
+        return True
+
+    def _finish_joined(
+        self,
+        task: task_pb2.AgentTask,
+        original: result_pb2.TaskResult,
+        original_id: str,
+    ) -> None:
+        result = result_pb2.TaskResult()
+        result.CopyFrom(original)
+        result.task_id = task.id
+        result.outputs["original_task_id"] = original_id
+        self.journal.finish(result)
+        self._on_result(result)
+
+    def _check_addressing(self, task: task_pb2.AgentTask) -> None:
         targets = self.config.tasks.targets
         if targets and task.target_id not in targets:
             raise InvalidTaskError(
@@ -166,7 +234,7 @@ class Dispatcher:
                 error_type="wrong_agent",
             )
 
-    def _reject(self, task: task_pb2.AgentTask, exc: TaskError) -> None:
+    def _reject(self, task: task_pb2.AgentTask, key: str, exc: TaskError) -> None:
         task_id = task.id or "(none)"
         logger.warning("task %s rejected: %s", task_id, exc.message)
         self._on_event(
@@ -190,34 +258,10 @@ class Dispatcher:
             started_at=now_timestamp(),
             completed_at=now_timestamp(),
         )
-        entry = TaskEntry(task, result=result)
-        entry.done.set()
-        self.entries[task.id] = entry
+        if TASK_ID_PATTERN.match(task.id):
+            self.journal.record_received(task, key, state=REJECTED)
+            self.journal.finish(result, state=REJECTED)
         self._on_result(result)
-
-    def _join(self, task: task_pb2.AgentTask, original_id: str) -> None:
-        original = self.entries[original_id]
-        entry = TaskEntry(task)
-        self.entries[task.id] = entry
-        self._emit_accepted(task.id, duplicate=True, original=original_id)
-        logger.info(
-            "task %s has the idempotency key of task %s; joined, not run",
-            task.id,
-            original_id,
-        )
-
-        async def deliver() -> None:
-            await original.done.wait()
-            assert original.result is not None
-            result = result_pb2.TaskResult()
-            result.CopyFrom(original.result)
-            result.task_id = task.id
-            result.outputs["original_task_id"] = original_id
-            entry.result = result
-            entry.done.set()
-            self._on_result(result)
-
-        asyncio.get_running_loop().create_task(deliver())
 
     def _emit_accepted(
         self, task_id: str, duplicate: bool = False, original: str = ""
@@ -232,23 +276,187 @@ class Dispatcher:
             )
         )
 
-    def _new_context(self, task: task_pb2.AgentTask) -> TaskContext:
-        return self.runner.new_context(task, self._chunk_sink_for(task.id))
+    # Cancelling ---------------------------------------------------------------
 
-    async def _worker(self) -> None:
-        while True:
-            _, _, task_id = await self._queue.get()
-            entry = self.entries[task_id]
-            lock = self._target_locks.setdefault(target_key(entry.task), asyncio.Lock())
-            async with lock:
-                if entry.context is None:
-                    entry.context = self._new_context(entry.task)
-                result = await self.runner.run(entry.context)
-            entry.result = result
-            entry.done.set()
-            logger.info(
-                "task %s finished: %s",
-                task_id,
-                "success" if result.success else f"{result.error_type}: {result.error}",
+    def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel a pending or running task; return False when it is unknown
+        or already finished."""
+        entry = self.entries.get(task_id)
+        if entry is None or entry.result is not None:
+            return False
+        reason = reason or "cancelled by the orchestrator"
+        if entry.context is None:
+            # Still pending: the task never ran, so there is nothing to undo.
+            self._pending = [p for p in self._pending if p[2] != task_id]
+            heapq.heapify(self._pending)
+            self._complete(
+                entry,
+                result_pb2.TaskResult(
+                    task_id=task_id,
+                    success=False,
+                    error=f"task cancelled before it started: {reason}",
+                    error_type="cancelled",
+                    started_at=now_timestamp(),
+                    completed_at=now_timestamp(),
+                ),
             )
-            self._on_result(result)
+            return True
+        entry.context.cancel(reason)
+        logger.info("task %s: cancel requested (%s)", task_id, reason)
+        return True
+
+    # Scheduling ---------------------------------------------------------------
+
+    def _target_in_use(self, key: str) -> bool:
+        if key in self._busy_targets:
+            return True
+        return any(self.entries[p[2]].key == key for p in self._pending)
+
+    def _schedule(self) -> None:
+        """Start the best pending tasks whose targets are free."""
+        limit = self.config.tasks.max_concurrent
+        skipped: list[tuple[int, int, str]] = []
+        while self._pending and len(self._running) < limit:
+            item = heapq.heappop(self._pending)
+            entry = self.entries[item[2]]
+            if entry.key in self._busy_targets:
+                skipped.append(item)
+                continue
+            self._busy_targets.add(entry.key)
+            self._running[entry.task.id] = asyncio.get_running_loop().create_task(
+                self._run(entry)
+            )
+        for item in skipped:
+            heapq.heappush(self._pending, item)
+
+    def _new_context(self, task: task_pb2.AgentTask) -> TaskContext:
+        return self.runner.new_context(
+            task,
+            self._chunk_sink_for(task.id),
+            on_phase=lambda phase: self.journal.set_phase(task.id, phase),
+            on_note=lambda notes: self.journal.add_notes(task.id, notes),
+        )
+
+    async def _run(self, entry: TaskEntry) -> None:
+        task_id = entry.task.id
+        try:
+            entry.context = self._new_context(entry.task)
+            self.journal.set_phase(task_id, "start")
+            result = await self.runner.run(entry.context)
+        finally:
+            self._running.pop(task_id, None)
+            self._busy_targets.discard(entry.key)
+        self._complete(entry, result)
+        logger.info(
+            "task %s finished: %s",
+            task_id,
+            "success" if result.success else f"{result.error_type}: {result.error}",
+        )
+        self._schedule()
+
+    def _complete(self, entry: TaskEntry, result: result_pb2.TaskResult) -> None:
+        self.journal.finish(result)
+        entry.result = result
+        entry.done.set()
+        self._on_result(result)
+
+    # Start and stop -----------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish the tasks the journal shows as unfinished after a restart.
+
+        A task that never started is queued again, unless it expired. A task
+        that was running is handed to its executor's recovery, which returns
+        the target to a consistent release and says what happened.
+        """
+        for stored in self.journal.unfinished():
+            task = stored.task
+            key = target_key(task)
+            if stored.state == RECEIVED:
+                try:
+                    check_expiry(task)
+                except TaskError as exc:
+                    self._complete(TaskEntry(task, key), _failed(task.id, exc))
+                    continue
+                logger.info(
+                    "task %s was accepted before a restart; queueing it again", task.id
+                )
+                entry = TaskEntry(task, key)
+                self.entries[task.id] = entry
+                heapq.heappush(
+                    self._pending, (-task.priority, next(self._arrival), task.id)
+                )
+                continue
+            logger.warning(
+                "task %s was running (phase %s) when the agent stopped; recovering",
+                task.id,
+                stored.phase or "unknown",
+            )
+            entry = TaskEntry(task, key)
+            self.entries[task.id] = entry
+            self._busy_targets.add(key)
+            try:
+                result = await self.runner.recover(
+                    task, stored.phase, stored.notes, self._chunk_sink_for(task.id)
+                )
+            finally:
+                self._busy_targets.discard(key)
+            self._complete(entry, result)
+        self._schedule()
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop accepting tasks and wait up to `grace_seconds` for running ones.
+
+        Tasks still pending are answered as not run (retriable). Tasks still
+        running after the grace period stay in the journal and are recovered
+        on the next start.
+        """
+        self._accepting = False
+        for _, _, task_id in list(self._pending):
+            entry = self.entries[task_id]
+            self._complete(
+                entry,
+                _failed(
+                    task_id,
+                    TaskError(
+                        "the agent shut down before the task started; send it again",
+                        error_type="shutting_down",
+                        retriable=True,
+                    ),
+                ),
+            )
+        self._pending.clear()
+        running = list(self._running.values())
+        if running:
+            logger.info(
+                "waiting up to %.0fs for %d running task(s)",
+                grace_seconds,
+                len(running),
+            )
+            _, still_running = await asyncio.wait(running, timeout=grace_seconds)
+            if still_running:
+                logger.warning(
+                    "%d task(s) still running after the grace period; they will be "
+                    "recovered on the next start",
+                    len(still_running),
+                )
+
+    async def stop(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+def _failed(task_id: str, exc: TaskError) -> result_pb2.TaskResult:
+    return result_pb2.TaskResult(
+        task_id=task_id,
+        success=False,
+        error=exc.message,
+        error_type=exc.error_type,
+        retriable=exc.retriable,
+        started_at=now_timestamp(),
+        completed_at=now_timestamp(),
+    )
+
+
+__all__ = ["Dispatcher", "FINISHED", "TaskEntry", "target_key"]

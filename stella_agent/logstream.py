@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from stella.agent.v1 import result_pb2
 
 MAX_CHUNK_BYTES = 64 * 1024
@@ -25,7 +26,9 @@ AGENT = result_pb2.LOG_STREAM_AGENT
 STDOUT = result_pb2.LOG_STREAM_STDOUT
 STDERR = result_pb2.LOG_STREAM_STDERR
 
-ChunkSink = Callable[[result_pb2.LogChunk], None]
+ChunkSink = Callable[[result_pb2.LogChunk], bool | None]
+"""Receives each chunk; returning False means the chunk was dropped (the
+spool is full), anything else that it was taken."""
 Masker = Callable[[bytes], bytes]
 
 
@@ -50,6 +53,9 @@ class TaskLog:
         self._lock = threading.Lock()
         self._next_sequence = first_sequence
         self._offset = first_offset
+        self._pending_dropped = 0
+        self.dropped_bytes = 0
+        """Bytes the sink dropped over the task's life."""
 
     @property
     def next_sequence(self) -> int:
@@ -58,7 +64,7 @@ class TaskLog:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes written so far (after masking)."""
+        """Bytes written so far (after masking), dropped ones included."""
         return self._offset
 
     def info(self, message: str, *args: object) -> None:
@@ -77,8 +83,13 @@ class TaskLog:
             for start in range(0, len(data), MAX_CHUNK_BYTES):
                 piece = data[start : start + MAX_CHUNK_BYTES]
                 chunk = self._make_chunk(stream, piece)
-                if self._sink is not None:
-                    self._sink(chunk)
+                if self._sink is None or self._sink(chunk) is not False:
+                    self._next_sequence += 1
+                    self._pending_dropped = 0
+                else:
+                    self._pending_dropped += len(piece)
+                    self.dropped_bytes += len(piece)
+                self._offset += len(piece)
 
     def tail(self) -> str:
         """Return the last bytes of the log as text, for TaskResult.logs."""
@@ -95,9 +106,8 @@ class TaskLog:
             data=piece,
             time=time,
             offset=self._offset,
+            dropped_bytes=self._pending_dropped,
         )
-        self._next_sequence += 1
-        self._offset += len(piece)
         return chunk
 
     def _remember_tail(self, data: bytes) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from stella.agent.v1 import result_pb2, task_pb2
 
+from stella.agent.v1 import result_pb2, task_pb2
 from stella_agent.config import AgentConfig
 from stella_agent.errors import InvalidTaskError, TaskError, TaskExpiredError
-from stella_agent.executors.base import Executor, TaskContext
+from stella_agent.executors.base import Executor, Outcome, TaskContext
 from stella_agent.logstream import ChunkSink, TaskLog
 from stella_agent.tasks import EXECUTOR_NAMES, type_name, validate_task
 
@@ -71,6 +71,7 @@ class TaskRunner:
         credentials: task_pb2.Credentials | None = None,
         masker: Callable[[bytes], bytes] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        on_note: Callable[[dict[str, str]], None] | None = None,
     ) -> TaskContext:
         timeout = self.config.tasks.default_timeout_seconds
         if task.HasField("timeout") and task.timeout.ToTimedelta().total_seconds() > 0:
@@ -82,33 +83,78 @@ class TaskRunner:
             credentials=credentials,
             deadline=time.monotonic() + timeout,
             on_phase=on_phase,
+            on_note=on_note,
         )
 
     async def run(self, context: TaskContext) -> result_pb2.TaskResult:
         """Run the task of `context` and return its result; never raises
         except for asyncio.CancelledError."""
-        task = context.task
-        result = result_pb2.TaskResult(task_id=task.id, started_at=now_timestamp())
-        started = time.monotonic()
-        try:
+
+        async def call(executor: Executor) -> Outcome:
+            task = context.task
             validate_task(task)
             check_expiry(task)
-            executor_name = EXECUTOR_NAMES[task.executor]
-            executor = self.executors.get(executor_name)
-            if executor is None:
-                raise InvalidTaskError(
-                    f"executor {executor_name} is not available on this agent",
-                    error_type="unsupported",
-                )
-            if context.docker is None:
-                context.docker = self.docker_client()
             context.log.info(
                 "task %s (%s) started on the %s executor",
                 task.id,
                 type_name(task.type),
-                executor_name,
+                EXECUTOR_NAMES[task.executor],
             )
-            outcome = await executor.run(context)
+            return await executor.run(context)
+
+        return await self._execute(context, call)
+
+    async def recover(
+        self,
+        task: task_pb2.AgentTask,
+        phase: str,
+        notes: dict[str, str],
+        sink: ChunkSink | None,
+    ) -> result_pb2.TaskResult:
+        """Finish a task that was running when the agent stopped, through its
+        executor's recovery, and return the result to report."""
+        context = self.new_context(task, sink)
+        context.notes.update(notes)
+        context.phase = phase
+        # Recovery must run to its end: it is what restores the target.
+        context.deadline = None
+
+        async def call(executor: Executor) -> Outcome:
+            context.log.info(
+                "the agent restarted while task %s was in phase %s; recovering the target",
+                task.id,
+                phase or "unknown",
+            )
+            recover = getattr(executor, "recover", None)
+            if recover is None:
+                raise TaskError(
+                    f"the agent restarted during phase {phase or 'unknown'} and the "
+                    f"{EXECUTOR_NAMES.get(task.executor, 'docker')} executor cannot recover "
+                    "this task type; inspect the target",
+                    error_type="interrupted",
+                    phase=phase,
+                )
+            return await recover(context, phase)
+
+        return await self._execute(context, call)
+
+    async def _execute(
+        self, context: TaskContext, call: Callable[[Executor], Awaitable[Outcome]]
+    ) -> result_pb2.TaskResult:
+        task = context.task
+        result = result_pb2.TaskResult(task_id=task.id, started_at=now_timestamp())
+        started = time.monotonic()
+        try:
+            executor_name = EXECUTOR_NAMES.get(task.executor, "")
+            executor = self.executors.get(executor_name)
+            if executor is None:
+                raise InvalidTaskError(
+                    f"executor {executor_name or task.executor} is not available on this agent",
+                    error_type="unsupported",
+                )
+            if context.docker is None:
+                context.docker = self.docker_client()
+            outcome = await call(executor)
         except TaskError as exc:
             result.success = False
             result.error = exc.message
@@ -140,6 +186,9 @@ class TaskRunner:
             (time.monotonic() - started) * 1000
         )
         result.metrics.health_check_duration_ms = metrics.health_check_duration_ms
+        if context.log.dropped_bytes:
+            # The spool was full while the stream was down; say how much is missing.
+            result.outputs["log_dropped_bytes"] = str(context.log.dropped_bytes)
         result.completed_at.CopyFrom(now_timestamp())
         result.logs = context.log.tail()
         return result

@@ -16,20 +16,23 @@ writer task writes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import socket
+import threading
 from collections.abc import Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
 
+from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
 from stella_agent import __version__
 from stella_agent.certs import TlsFiles
 from stella_agent.config import AgentConfig
 from stella_agent.dispatcher import Dispatcher
 from stella_agent.errors import StellaError
+from stella_agent.journal import Journal
 from stella_agent.tasks import TYPE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -94,27 +97,92 @@ def channel_options(config: AgentConfig) -> list[tuple[str, object]]:
 
 
 class LogSpool:
-    """Log chunks of unfinished and unacknowledged tasks, kept for resending."""
+    """Log chunks of tasks whose results are not acknowledged yet, bounded in
+    bytes, kept for sending and for resending after a reconnect.
 
-    def __init__(self, max_bytes: int = MAX_SPOOL_BYTES) -> None:
+    Executors offer chunks from worker threads, so every method takes the
+    lock. Chunks are sent in the order they were offered. Sent chunks stay
+    until their space is needed, because a stream can break after a write
+    returned but before the orchestrator stored the chunk; Welcome then says
+    from where to resend. When even evicting every sent chunk leaves no room,
+    the offered chunk is dropped and the TaskLog reports the gap on its next
+    chunk.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int = MAX_SPOOL_BYTES,
+        on_data: Callable[[], None] | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
-        self.chunks: dict[str, list[result_pb2.LogChunk]] = {}
+        self._on_data = on_data
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._chunks: dict[str, list[result_pb2.LogChunk]] = {}
+        self._unsent: collections.deque[result_pb2.LogChunk] = collections.deque()
+        self._sent: collections.deque[result_pb2.LogChunk] = collections.deque()
 
-    def add(self, chunk: result_pb2.LogChunk) -> None:
-        # TODO: when the spool is full, older chunks are not resent after a
-        # reconnect; the orchestrator then logs the gap.
-        if self.bytes + len(chunk.data) > self.max_bytes:
-            return
-        self.chunks.setdefault(chunk.task_id, []).append(chunk)
-        self.bytes += len(chunk.data)
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
 
-    def since(self, task_id: str, sequence: int) -> list[result_pb2.LogChunk]:
-        return [c for c in self.chunks.get(task_id, []) if c.sequence >= sequence]
+    def offer(self, chunk: result_pb2.LogChunk) -> bool:
+        """Take a chunk for sending; return False when there is no room."""
+        size = len(chunk.data)
+        with self._lock:
+            while self._bytes + size > self.max_bytes and self._sent:
+                self._evict(self._sent.popleft())
+            if self._bytes + size > self.max_bytes:
+                return False
+            self._chunks.setdefault(chunk.task_id, []).append(chunk)
+            self._unsent.append(chunk)
+            self._bytes += size
+        if self._on_data is not None:
+            self._on_data()
+        return True
+
+    def next_unsent(self) -> result_pb2.LogChunk | None:
+        """Return the oldest chunk not sent on the current stream, marking it
+        sent."""
+        with self._lock:
+            while self._unsent:
+                chunk = self._unsent.popleft()
+                if chunk.task_id in self._chunks:
+                    self._sent.append(chunk)
+                    return chunk
+            return None
+
+    def has_unsent(self) -> bool:
+        with self._lock:
+            return bool(self._unsent)
+
+    def rewind(self, positions: dict[str, int]) -> None:
+        """Mark for sending again every kept chunk at or after the position
+        the orchestrator reported for its task (1 when it reported none)."""
+        with self._lock:
+            resend = []
+            for task_id, chunks in self._chunks.items():
+                start = positions.get(task_id, 1)
+                resend.extend(c for c in chunks if c.sequence >= start)
+            # Offer order is time order across tasks; keep it.
+            resend.sort(key=lambda c: (c.time.seconds, c.time.nanos, c.sequence))
+            self._unsent = collections.deque(resend)
+            self._sent = collections.deque(
+                c for c in self._sent if c.sequence < positions.get(c.task_id, 1)
+            )
 
     def drop(self, task_id: str) -> None:
-        for chunk in self.chunks.pop(task_id, []):
-            self.bytes -= len(chunk.data)
+        """Forget a task's chunks (its result was acknowledged)."""
+        with self._lock:
+            for chunk in self._chunks.pop(task_id, []):
+                self._bytes -= len(chunk.data)
+
+    def _evict(self, chunk: result_pb2.LogChunk) -> None:
+        chunks = self._chunks.get(chunk.task_id)
+        if chunks and chunk in chunks:
+            chunks.remove(chunk)
+            self._bytes -= len(chunk.data)
 
 
 class AgentSession:
@@ -127,21 +195,28 @@ class AgentSession:
         tls: TlsFiles,
         dispatcher_factory: Callable[[AgentSession], Dispatcher],
         *,
+        journal: Journal,
         public_key: gateway_pb2.AgentPublicKey | None = None,
         capabilities: list[str] | None = None,
     ) -> None:
         self.config = config
         self.tls = tls
+        self.journal = journal
         self.public_key = public_key
         self.capabilities = capabilities or [*TYPE_NAMES.values(), "docker", "compose"]
-        self.outbox: dict[str, result_pb2.TaskResult] = {}
-        self.spool = LogSpool()
+        # Results survive restarts in the journal's outbox until acknowledged.
+        self.outbox: dict[str, result_pb2.TaskResult] = {
+            result.task_id: result for result in journal.outbox()
+        }
+        self._data_ready = asyncio.Event()
+        self.spool = LogSpool(on_data=self._wake_writer)
         self._outgoing: asyncio.Queue[gateway_pb2.ConnectRequest] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.streams_opened = 0
         self._loop = asyncio.get_event_loop()
+        self._loop_thread = threading.get_ident()
         self.dispatcher = dispatcher_factory(self)
 
     # Callbacks for the dispatcher and task logs -------------------------------
@@ -152,41 +227,58 @@ class AgentSession:
         if self._outgoing is not None:
             self._outgoing.put_nowait(message)
 
-    def chunk_sink(self, task_id: str) -> Callable[[result_pb2.LogChunk], None]:
-        """Return a sink for a task's log chunks that is safe to call from
-        worker threads."""
+    def chunk_sink(self, task_id: str) -> Callable[[result_pb2.LogChunk], bool]:
+        """Return a sink for a task's log chunks; safe to call from worker
+        threads, and never blocks."""
+        return self.spool.offer
 
-        def sink(chunk: result_pb2.LogChunk) -> None:
-            self._loop.call_soon_threadsafe(self._on_chunk, chunk)
-
-        return sink
-
-    def _on_chunk(self, chunk: result_pb2.LogChunk) -> None:
-        self.spool.add(chunk)
-        if self._outgoing is not None:
-            self._outgoing.put_nowait(gateway_pb2.ConnectRequest(log_chunk=chunk))
+    def _wake_writer(self) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._data_ready.set()
+        else:
+            self._loop.call_soon_threadsafe(self._data_ready.set)
 
     def deliver_result(self, result: result_pb2.TaskResult) -> None:
-        """Keep a result until acknowledged and send it if a stream is open."""
+        """Keep a result until acknowledged and send it if a stream is open.
+        The writer sends every spooled chunk before it, so the result comes
+        after the task's log."""
         self.outbox[result.task_id] = result
-        # Chunks written from worker threads are queued with
-        # call_soon_threadsafe; queue the result behind them.
-        self._loop.call_soon(self._send_result, result.task_id)
-
-    def _send_result(self, task_id: str) -> None:
-        result = self.outbox.get(task_id)
-        if result is not None and self._outgoing is not None:
+        if self._outgoing is not None:
             self._outgoing.put_nowait(gateway_pb2.ConnectRequest(task_result=result))
 
     # Connection loop ----------------------------------------------------------
 
     def stop(self) -> None:
+        """Close the stream and return from run() at once."""
         self._stopping.set()
+
+    async def shutdown(self, grace_seconds: float, flush_seconds: float = 10.0) -> None:
+        """Stop gracefully: take no new tasks, let running ones finish within
+        the grace period, wait for the orchestrator to acknowledge results,
+        then stop."""
+        # Stop taking tasks and wait for the running ones.
+        logger.info("shutting down: no new tasks; draining")
+        await self.dispatcher.drain(grace_seconds)
+
+        # Flush results: wait until the outbox is acknowledged, if connected.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_seconds
+        while self.outbox and self.connected.is_set() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.outbox:
+            logger.warning(
+                "%d result(s) not acknowledged yet; they stay in the journal and are "
+                "sent after the next start",
+                len(self.outbox),
+            )
+
+        # Close the stream.
+        self.stop()
 
     async def run(self) -> None:
         """Stay connected until stop(); raise FatalConnectionError when the
         orchestrator rejects the agent."""
-        self.dispatcher.start()
+        recovery = asyncio.create_task(self.dispatcher.recover())
         delay = self.config.orchestrator.reconnect_initial_seconds
         try:
             while not self._stopping.is_set():
@@ -220,6 +312,8 @@ class AgentSession:
                 delay = min(delay * 2, self.config.orchestrator.reconnect_max_seconds)
         finally:
             self.connected.clear()
+            recovery.cancel()
+            await asyncio.gather(recovery, return_exceptions=True)
             await self.dispatcher.stop()
             if self._channel is not None:
                 await self._channel.close()
@@ -301,9 +395,8 @@ class AgentSession:
     def _resend(self, outgoing: asyncio.Queue, welcome: gateway_pb2.Welcome) -> None:
         """Queue what the orchestrator may have missed while disconnected."""
         positions = {p.task_id: p.next_sequence for p in welcome.log_positions}
-        for task_id in list(self.spool.chunks):
-            for chunk in self.spool.since(task_id, positions.get(task_id, 1)):
-                outgoing.put_nowait(gateway_pb2.ConnectRequest(log_chunk=chunk))
+        self.spool.rewind(positions)
+        self._data_ready.set()
         for result in self.outbox.values():
             outgoing.put_nowait(gateway_pb2.ConnectRequest(task_result=result))
 
@@ -326,6 +419,7 @@ class AgentSession:
         elif kind == "result_ack":
             task_id = message.result_ack.task_id
             if self.outbox.pop(task_id, None) is not None:
+                self.journal.acknowledge(task_id)
                 self.spool.drop(task_id)
                 logger.debug("result of task %s acknowledged", task_id)
         elif kind == "signed_task":
@@ -336,9 +430,28 @@ class AgentSession:
             pass
 
     async def _write_loop(self, call, outgoing: asyncio.Queue) -> None:
+        """Send spooled log chunks first, then queued messages, so a result
+        never overtakes its task's log."""
         while True:
-            message = await outgoing.get()
-            await call.write(message)
+            chunk = self.spool.next_unsent()
+            if chunk is not None:
+                await call.write(gateway_pb2.ConnectRequest(log_chunk=chunk))
+                continue
+            if not outgoing.empty():
+                await call.write(outgoing.get_nowait())
+                continue
+            self._data_ready.clear()
+            if self.spool.has_unsent():
+                continue
+            getter = asyncio.ensure_future(outgoing.get())
+            data = asyncio.ensure_future(self._data_ready.wait())
+            done, pending = await asyncio.wait(
+                {getter, data}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+            if getter in done:
+                await call.write(getter.result())
 
     async def _heartbeat_loop(self, outgoing: asyncio.Queue, interval: float) -> None:
         while True:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stella.agent.v1 import task_pb2
-
 from stella_agent.config import AgentConfig
 from stella_agent.errors import TaskCancelledError, TaskTimeoutError
 from stella_agent.logstream import TaskLog
@@ -56,6 +55,7 @@ class TaskContext:
         credentials: task_pb2.Credentials | None = None,
         deadline: float | None = None,
         on_phase: Callable[[str], None] | None = None,
+        on_note: Callable[[dict[str, str]], None] | None = None,
     ) -> None:
         self.task = task
         self.log = log
@@ -69,12 +69,22 @@ class TaskContext:
         self.cancel_event = threading.Event()
         self.cancel_reason = ""
         self._on_phase = on_phase
+        self._on_note = on_note
+        self.notes: dict[str, str] = {}
 
     def set_phase(self, phase: str) -> None:
         """Record that the task entered `phase` (pull, stop, create, ...)."""
         self.phase = phase
         if self._on_phase is not None:
             self._on_phase(phase)
+
+    def note(self, **values: str) -> None:
+        """Record facts crash recovery needs (which container was renamed to
+        what, which one was created) durably, before the step they describe
+        takes effect."""
+        self.notes.update(values)
+        if self._on_note is not None:
+            self._on_note(dict(values))
 
     def cancel(self, reason: str) -> None:
         """Ask the task to stop at its next checkpoint."""

@@ -53,3 +53,26 @@ def test_masker_applies_before_chunking():
 
     assert chunks[0].data == b"password=****\n"
     assert "hunter2" not in log.tail()
+
+
+def test_dropped_chunk_is_reported_on_next_chunk():
+    chunks = []
+    refuse = {"on": False}
+
+    def sink(chunk):
+        if refuse["on"]:
+            return False
+        chunks.append(chunk)
+        return True
+
+    log = TaskLog("t1", sink)
+    log.write(STDOUT, b"kept\n")
+    refuse["on"] = True
+    log.write(STDOUT, b"lost bytes\n")
+    refuse["on"] = False
+    log.write(STDOUT, b"after\n")
+
+    assert [c.sequence for c in chunks] == [1, 2]
+    assert chunks[1].dropped_bytes == len(b"lost bytes\n")
+    assert chunks[1].offset == len(b"kept\nlost bytes\n")
+    assert log.dropped_bytes == len(b"lost bytes\n")
