@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 from google.protobuf import json_format
-from stella.agent.v1 import task_pb2
 
+from stella.agent.v1 import task_pb2
 from stella_agent.errors import ConfigError, InvalidTaskError
 
 TYPE_NAMES: dict[int, str] = {

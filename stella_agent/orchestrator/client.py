@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import yaml
 from google.protobuf import json_format
-from stella.agent.v1 import control_pb2, control_pb2_grpc, result_pb2, task_pb2
 
+from stella.agent.v1 import control_pb2, control_pb2_grpc, result_pb2, task_pb2
 from stella_agent.certs import read_tls_files
 from stella_agent.errors import ConfigError, StellaError
 

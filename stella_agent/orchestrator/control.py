@@ -10,8 +10,8 @@ import logging
 from collections.abc import Callable
 
 import grpc
-from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2
 
+from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2
 from stella_agent.certs import peer_identity
 from stella_agent.orchestrator.state import OrchestratorState
 from stella_agent.tasks import TASK_ID_PATTERN

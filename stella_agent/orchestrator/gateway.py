@@ -14,8 +14,8 @@ import uuid
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from stella.agent.v1 import control_pb2, gateway_pb2, gateway_pb2_grpc
 
+from stella.agent.v1 import control_pb2, gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import peer_identity
 from stella_agent.orchestrator.state import (
     ACCEPTED,

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
+from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import OPERATOR_IDENTITY, read_tls_files
 from stella_agent.orchestrator.control import ControlServicer
 from stella_agent.orchestrator.gateway import AgentGatewayServicer

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from stella.agent.v1 import control_pb2, gateway_pb2, result_pb2, task_pb2
 
 QUEUED = "queued"
