@@ -21,7 +21,11 @@ def test_chunks_are_sent_in_offer_order():
     b.write(STDOUT, b"b1")
     a.write(STDOUT, b"a2")
 
-    assert [(c.task_id, c.data) for c in drain(spool)] == [("a", b"a1"), ("b", b"b1"), ("a", b"a2")]
+    assert [(c.task_id, c.data) for c in drain(spool)] == [
+        ("a", b"a1"),
+        ("b", b"b1"),
+        ("a", b"a2"),
+    ]
 
 
 def test_rewind_resends_from_reported_position():
