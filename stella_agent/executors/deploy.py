@@ -1,10 +1,11 @@
 """The deploy flow of the Docker executor, run in a worker thread.
 
-Steps, each a phase of the task: validate the whole task, pull and verify the
-image, run the pre-deploy hook, stop the running container and rename it
-``<name>-previous-<timestamp>``, create and start the new container from
-repository@digest, wait for health, run the post-deploy hook, and remove the
-previous container, or keep it stopped when keep_previous is set.
+Each step is a phase of the task. The flow validates the whole task, pulls and
+verifies the image and runs the pre-deploy hook. It then stops the running
+container and renames it ``<name>-previous-<timestamp>``, creates and starts
+the new container from repository@digest, waits for health and runs the
+post-deploy hook. Last, it removes the previous container, or keeps it stopped
+when keep_previous is set.
 
 Nothing running is touched before the previous container is stopped. After
 that, any failure, cancel or timeout removes the new container and restores the
@@ -22,8 +23,6 @@ from typing import Any, NoReturn, Protocol
 from stella.agent.v1 import task_pb2
 from stella_agent.errors import (
     DigestMismatchError,
-    InvalidTaskError,
-    NotFoundError,
     RollbackFailedError,
     TaskError,
 )
@@ -56,14 +55,12 @@ from stella_agent.executors.containers import (
     start_and_verify,
     stop_container,
 )
+from stella_agent.executors.deploy_checks import check_hooks, check_host, is_unchanged
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
 from stella_agent.executors.health import wait_until_healthy
 from stella_agent.executors.pull import pull_image
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_NETWORKS = ("bridge", "host", "none")
-HOOK_STAGES = ("pre_deploy", "post_deploy")
 
 
 class HookRunner(Protocol):
@@ -109,8 +106,8 @@ class DeployFlow:
         # Validate the whole task before pulling or touching anything.
         context.set_phase("validate")
         spec = self.spec = build_container_spec(self.payload, context.config)
-        self._check_host(spec)
-        self._check_hooks()
+        check_host(self.client, spec)
+        check_hooks(self.payload, self.hook_runner is not None)
         context.checkpoint()
 
         # Pull and verify the image. A failure here changes nothing running.
@@ -120,7 +117,7 @@ class DeployFlow:
 
         # A container that already runs this digest with these settings stays.
         current = find_container(self.client, spec.name)
-        if current is not None and self._is_unchanged(current, spec):
+        if current is not None and is_unchanged(current, spec, context.log):
             return self._unchanged_outcome(current, spec)
 
         self._run_hook("pre_deploy")
@@ -143,66 +140,11 @@ class DeployFlow:
 
         return self._finalize(spec)
 
-    def _check_host(self, spec: ContainerSpec) -> None:
-        """Check the limits and network against the host, still changing nothing."""
-        try:
-            if spec.nano_cpus is not None:
-                cpus = int(self.client.info().get("NCPU") or 0)
-                if cpus and spec.nano_cpus > cpus * 1_000_000_000:
-                    raise InvalidTaskError(
-                        f"config.cpu_limit {spec.nano_cpus / 1e9:g} exceeds the "
-                        f"{cpus} CPUs of this host"
-                    )
-            if spec.network is not None and spec.network not in BUILTIN_NETWORKS:
-                networks = self.client.networks.list(names=[spec.network])
-                if not any(network.name == spec.network for network in networks):
-                    raise NotFoundError(
-                        f"network {spec.network} not found on this host; "
-                        "create it first or leave config.network empty"
-                    )
-        except DOCKER_EXCEPTIONS as exc:
-            raise docker_error(exc, "read the host's CPUs and networks") from None
-
-    def _check_hooks(self) -> None:
-        hooks = self.payload.hooks
-        for stage in HOOK_STAGES:
-            if not hooks.HasField(stage):
-                continue
-            if not getattr(hooks, stage).command:
-                raise InvalidTaskError(f"hooks.{stage}.command is required")
-            if self.hook_runner is None:
-                raise InvalidTaskError(
-                    f"hooks.{stage} is set but this agent's docker executor cannot "
-                    "run hooks yet; remove the hook",
-                    error_type="unsupported",
-                )
-
     def _run_hook(self, stage: str) -> None:
         if not self.payload.hooks.HasField(stage) or self.hook_runner is None:
             return
         self.context.set_phase(stage.replace("_", "-"))
         self.hook_runner(self.context, getattr(self.payload.hooks, stage), stage)
-
-    def _is_unchanged(self, container: Any, spec: ContainerSpec) -> bool:
-        labels = container.labels or {}
-        if labels.get(LABEL_DIGEST) != spec.digest:
-            return False
-        log = self.context.log
-        if labels.get(LABEL_CONFIG_DIGEST) != spec.config_digest():
-            log.info("container %s runs this digest with other settings", spec.name)
-            return False
-        if not is_running(container):
-            log.info("container %s has this digest but is not running", spec.name)
-            return False
-        health = container.attrs.get("State", {}).get("Health")
-        if health is not None and health.get("Status") != "healthy":
-            log.info(
-                "container %s has this digest but is %s",
-                spec.name,
-                health.get("Status"),
-            )
-            return False
-        return True
 
     def _unchanged_outcome(self, container: Any, spec: ContainerSpec) -> Outcome:
         self.context.log.info(
@@ -230,11 +172,20 @@ class DeployFlow:
             context.log.info(
                 "container %s was not deployed by Stella; replacing it", spec.name
             )
+        previous_name = aside_name(spec.name, PREVIOUS)
+        # Recovery after an agent crash reads these notes to restore the host.
+        context.note(
+            container_name=spec.name,
+            previous_container_id=current.id,
+            previous_name=previous_name,
+            previous_was_running=str(was_running).lower(),
+            keep_previous=str(spec.keep_previous).lower(),
+        )
         try:
             context.set_phase("stop")
             stop_container(context, current, spec.name)
             context.set_phase("rename")
-            rename_container(context, current, aside_name(spec.name, PREVIOUS))
+            rename_container(context, current, previous_name)
         except TaskError as exc:
             # The container kept its name; bring it back to how it was.
             if was_running:
@@ -257,11 +208,13 @@ class DeployFlow:
         context.checkpoint()
         context.log.info("creating container %s from %s", spec.name, spec.reference)
         arguments = spec.create_arguments(self._stella_labels(spec))
+        context.note(container_name=spec.name)
         try:
             self.new = self.client.containers.create(**arguments)
         except DOCKER_EXCEPTIONS as exc:
             action = f"create container {spec.name} from {spec.reference}"
             raise docker_error(exc, action) from None
+        context.note(new_container_id=self.new.id)
         if self.new.attrs.get("Image") != image_id:
             raise DigestMismatchError(
                 f"container {spec.name} was created from image "
@@ -344,7 +297,8 @@ class DeployFlow:
     def _discard_new(self, spec: ContainerSpec) -> str:
         """Remove the new container after keeping its output in the task log.
 
-        Returns "" on success, else what is left behind under which name.
+        Returns "" once the name is free again, else a description of the
+        new container that still has it.
         """
         if self.new is None:
             return ""

@@ -4,7 +4,8 @@
 worker thread, because the Docker SDK blocks. The flows live beside this
 module: ``deploy.py`` (deploy), ``rollback.py`` (rollback), with their parts in
 ``container_spec.py``, ``ports.py``, ``pull.py``, ``health.py``,
-``containers.py`` and ``docker_errors.py``.
+``containers.py`` and ``docker_errors.py``. ``docker_recovery.py`` restores
+the target of a task that an agent crash interrupted.
 
 The worker thread calls ``TaskContext.set_phase`` and writes the task log, so
 phase callbacks and log sinks must be safe to call from another thread.
@@ -23,6 +24,7 @@ from stella_agent.errors import InvalidTaskError
 from stella_agent.executors.base import Outcome, TaskContext
 from stella_agent.executors.deploy import DeployFlow, HookRunner
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
+from stella_agent.executors.docker_recovery import recover_task
 from stella_agent.executors.rollback import RollbackFlow
 from stella_agent.tasks import type_name
 
@@ -48,17 +50,31 @@ class DockerExecutor:
             )
         return await run_in_worker(context, self._run_blocking)
 
+    async def recover(self, context: TaskContext, phase: str) -> Outcome:
+        """Restore the target of a task that an agent crash interrupted in
+        `phase`, using the notes the task wrote; see docker_recovery."""
+
+        def recover_blocking(context: TaskContext) -> Outcome:
+            return recover_task(context, _client(context), phase)
+
+        return await run_in_worker(context, recover_blocking)
+
     def _run_blocking(self, context: TaskContext) -> Outcome:
-        client = context.docker
-        if client is None:
-            try:
-                client = context.docker = docker.from_env()
-            except DOCKER_EXCEPTIONS as exc:
-                raise docker_error(exc, "connect to Docker Engine") from None
+        client = _client(context)
         if context.task.type == task_pb2.TASK_TYPE_DEPLOY:
             flow = DeployFlow(context, client, context.task.deploy, self.hook_runner)
             return flow.run()
         return RollbackFlow(context, client, self.hook_runner).run()
+
+
+def _client(context: TaskContext) -> Any:
+    """Return the context's Docker client, creating one from the environment."""
+    if context.docker is None:
+        try:
+            context.docker = docker.from_env()
+        except DOCKER_EXCEPTIONS as exc:
+            raise docker_error(exc, "connect to Docker Engine") from None
+    return context.docker
 
 
 async def run_in_worker(

@@ -81,14 +81,23 @@ class RollbackFlow:
         context.log.info("rolling %s back to %s", name, previous.name)
         context.checkpoint()
 
-        current_was_running = False
+        current_was_running = current is not None and is_running(current)
+        replaced_name = aside_name(name, FAILED)
+        # Recovery after an agent crash reads these notes to restore the host.
+        context.note(
+            container_name=name,
+            restore_container_id=previous.id,
+            restore_name=previous.name,
+            replaced_container_id=current.id if current is not None else "",
+            replaced_name=replaced_name,
+            replaced_was_running=str(current_was_running).lower(),
+        )
         if current is not None:
-            current_was_running = is_running(current)
             context.set_phase("stop")
             stop_container(context, current, name)
             context.set_phase("rename")
             try:
-                rename_container(context, current, aside_name(name, FAILED))
+                rename_container(context, current, replaced_name)
             except TaskError:
                 if current_was_running:
                     start_and_verify(context, current)

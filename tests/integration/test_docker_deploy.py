@@ -70,8 +70,21 @@ def deploy_task(
     )
 
 
+def rollback_task(task_id: str, name: str) -> task_pb2.AgentTask:
+    return task_pb2.AgentTask(
+        id=task_id,
+        type=task_pb2.TASK_TYPE_ROLLBACK,
+        rollback=task_pb2.RollbackPayload(container_name=name),
+    )
+
+
+class SimulatedCrash(BaseException):
+    """Stops a flow the way a killed agent would: no rollback code runs."""
+
+
 class Agent:
-    """A TaskRunner with the Docker executor, and the log of the last task."""
+    """A TaskRunner with the Docker executor, and the log and recovery notes
+    of the last task."""
 
     def __init__(self, tmp_path) -> None:
         config = config_from_mapping(
@@ -84,17 +97,23 @@ class Agent:
         )
         self.runner = TaskRunner(config, {"docker": DockerExecutor()}, docker.from_env)
         self.log = ""
+        self.notes: dict[str, str] = {}
 
     def run(
         self,
         task: task_pb2.AgentTask,
         on_phase: Callable[[TaskContext, str], None] | None = None,
         credentials: task_pb2.Credentials | None = None,
+        crash_phase: str = "",
     ) -> result_pb2.TaskResult:
+        """Run `task`; with `crash_phase`, raise SimulatedCrash on entering it."""
         chunks: list[bytes] = []
         holder: list[TaskContext] = []
+        self.notes = {}
 
         def phase_changed(phase: str) -> None:
+            if phase == crash_phase:
+                raise SimulatedCrash(phase)
             if on_phase is not None:
                 on_phase(holder[0], phase)
 
@@ -103,9 +122,22 @@ class Agent:
             lambda chunk: chunks.append(chunk.data),
             credentials=credentials,
             on_phase=phase_changed,
+            on_note=self.notes.update,
         )
         holder.append(context)
-        result = asyncio.run(self.runner.run(context))
+        try:
+            return asyncio.run(self.runner.run(context))
+        finally:
+            self.log = b"".join(chunks).decode()
+
+    def recover(self, task: task_pb2.AgentTask, phase: str) -> result_pb2.TaskResult:
+        """Recover `task` after a SimulatedCrash in `phase`, with its notes."""
+        chunks: list[bytes] = []
+        result = asyncio.run(
+            self.runner.recover(
+                task, phase, dict(self.notes), lambda c: chunks.append(c.data)
+            )
+        )
         self.log = b"".join(chunks).decode()
         return result
 
@@ -404,13 +436,7 @@ def test_keep_previous_then_rollback(agent, test_images, container_name, docker_
     kept_name = second.outputs["previous_container_name"]
     kept_container = docker_client.containers.get(kept_name)
 
-    rollback = agent.run(
-        task_pb2.AgentTask(
-            id="keep-3",
-            type=task_pb2.TASK_TYPE_ROLLBACK,
-            rollback=task_pb2.RollbackPayload(container_name=container_name),
-        )
-    )
+    rollback = agent.run(rollback_task("keep-3", container_name))
 
     assert first.success, first.error
     assert second.success, second.error
@@ -453,13 +479,7 @@ def test_keep_previous_keeps_only_newest(
 
 
 def test_rollback_without_previous_fails(agent, container_name):
-    result = agent.run(
-        task_pb2.AgentTask(
-            id="norb-1",
-            type=task_pb2.TASK_TYPE_ROLLBACK,
-            rollback=task_pb2.RollbackPayload(container_name=container_name),
-        )
-    )
+    result = agent.run(rollback_task("norb-1", container_name))
 
     assert result.error_type == "rollback_failed"
     assert f"no previous container for {container_name}" in result.error
@@ -571,3 +591,92 @@ def test_unsupported_task_type(agent, container_name):
 
     assert result.error_type == "unsupported"
     assert "inspect is not supported by the docker executor" in result.error
+
+
+@pytest.mark.parametrize("phase", ["stop", "rename", "create", "health"])
+def test_recovery_after_crash_restores_previous(
+    agent, test_images, container_name, docker_client, phase
+):
+    port = free_port()
+    good = agent.run(
+        deploy_task("crash-a1", test_images["web:v1"], container_name, port)
+    )
+    upgrade = deploy_task("crash-a2", test_images["web:v2"], container_name, port)
+    with pytest.raises(SimulatedCrash):
+        agent.run(upgrade, crash_phase=phase)
+
+    result = agent.recover(upgrade, phase)
+
+    assert good.success, good.error
+    assert result.error_type == "interrupted"
+    assert result.retriable
+    assert result.rolled_back
+    assert result.failed_phase == phase
+    container_id, _, running = running_state(docker_client, container_name)
+    assert container_id == good.outputs["container_id"]
+    assert running
+    assert http_get(port) == "v1"
+    assert containers_named(docker_client, container_name) == [container_name]
+
+
+def test_recovery_after_crash_in_finalize_completes(
+    agent, test_images, container_name, docker_client
+):
+    port = free_port()
+    good = agent.run(
+        deploy_task("crash-b1", test_images["web:v1"], container_name, port)
+    )
+    upgrade = deploy_task("crash-b2", test_images["web:v2"], container_name, port)
+    with pytest.raises(SimulatedCrash):
+        agent.run(upgrade, crash_phase="finalize")
+
+    result = agent.recover(upgrade, "finalize")
+
+    assert good.success, good.error
+    assert result.success, result.error
+    assert result.outputs["recovered"] == "true"
+    assert result.outputs["previous_digest"] == test_images["web:v1"].digest
+    assert http_get(port) == "v2"
+    assert containers_named(docker_client, container_name) == [container_name]
+
+
+def test_recovery_of_first_deploy_removes_new(
+    agent, test_images, container_name, docker_client
+):
+    first = deploy_task("crash-c1", test_images["web:v1"], container_name, free_port())
+    with pytest.raises(SimulatedCrash):
+        agent.run(first, crash_phase="health")
+
+    result = agent.recover(first, "health")
+
+    assert result.error_type == "interrupted"
+    assert not result.rolled_back
+    assert containers_named(docker_client, container_name) == []
+
+
+def test_recovery_of_rollback_restores_current(
+    agent, test_images, container_name, docker_client
+):
+    port = free_port()
+    agent.run(deploy_task("crash-d1", test_images["web:v1"], container_name, port))
+    current = agent.run(
+        deploy_task(
+            "crash-d2", test_images["web:v2"], container_name, port, keep_previous=True
+        )
+    )
+    rollback = rollback_task("crash-d3", container_name)
+    with pytest.raises(SimulatedCrash):
+        agent.run(rollback, crash_phase="health")
+
+    result = agent.recover(rollback, "health")
+
+    assert current.success, current.error
+    assert result.error_type == "interrupted"
+    assert result.rolled_back
+    container_id, _, running = running_state(docker_client, container_name)
+    assert container_id == current.outputs["container_id"]
+    assert running
+    assert http_get(port) == "v2"
+    assert containers_named(docker_client, container_name) == sorted(
+        [container_name, current.outputs["previous_container_name"]]
+    )
