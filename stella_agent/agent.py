@@ -122,17 +122,32 @@ async def run_agent(config: AgentConfig) -> int:
             on_result=session.deliver_result,
         )
 
-    session = AgentSession(config, tls, make_dispatcher)
+    session = AgentSession(config, tls, make_dispatcher, journal=journal)
     session_holder.append(session)
 
+    # SIGTERM and SIGINT drain gracefully; a second signal stops at once.
     loop = asyncio.get_running_loop()
+    shutdown_tasks: list[asyncio.Task] = []
+
+    def on_signal() -> None:
+        if shutdown_tasks:
+            logger.warning("second stop signal: stopping now")
+            session.stop()
+            return
+        shutdown_tasks.append(
+            loop.create_task(session.shutdown(config.tasks.shutdown_grace_seconds))
+        )
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, session.stop)
+        loop.add_signal_handler(signum, on_signal)
     logger.info(
         "agent %s starting; orchestrator %s",
         config.agent_id,
         config.orchestrator.address,
     )
-    await session.run()
+    try:
+        await session.run()
+    finally:
+        journal.close()
     logger.info("agent %s stopped", config.agent_id)
     return 0

@@ -16,7 +16,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stella.agent.v1 import result_pb2, task_pb2
 from stella_agent.config import AgentConfig
-from stella_agent.errors import InvalidTaskError, TaskError, TaskExpiredError
+from stella_agent.errors import (
+    DockerError,
+    InvalidTaskError,
+    TaskError,
+    TaskExpiredError,
+)
 from stella_agent.executors.base import Executor, Outcome, TaskContext
 from stella_agent.logstream import ChunkSink, TaskLog
 from stella_agent.tasks import EXECUTOR_NAMES, type_name, validate_task
@@ -62,6 +67,17 @@ class TaskRunner:
         if self._docker_client is None and self._docker_client_factory is not None:
             self._docker_client = self._docker_client_factory()
         return self._docker_client
+
+    def _connect_docker(self) -> object | None:
+        try:
+            return self.docker_client()
+        except Exception as exc:  # noqa: BLE001 - docker raises several unrelated types here
+            raise DockerError(
+                f"cannot reach Docker Engine: {exc}; check that dockerd runs and "
+                "docker.host (or DOCKER_HOST) points at it",
+                error_type="docker_unavailable",
+                retriable=True,
+            ) from None
 
     def new_context(
         self,
@@ -153,7 +169,7 @@ class TaskRunner:
                     error_type="unsupported",
                 )
             if context.docker is None:
-                context.docker = self.docker_client()
+                context.docker = self._connect_docker()
             outcome = await call(executor)
         except TaskError as exc:
             result.success = False
