@@ -53,9 +53,10 @@ MAX_PENDING_BYTES = 1024 * 1024
 def encoded_forms(secret: str) -> set[str]:
     """Return the secret and every encoded form of it that is masked."""
     forms = {secret}
-    forms.add(quote(secret, safe=""))
-    forms.add(quote(secret))
-    forms.add(quote_plus(secret, safe=""))
+    # surrogatepass keeps lone surrogates, which a str may contain, encodable.
+    forms.add(quote(secret, safe="", errors="surrogatepass"))
+    forms.add(quote(secret, errors="surrogatepass"))
+    forms.add(quote_plus(secret, safe="", errors="surrogatepass"))
     escaped = json.dumps(secret)[1:-1]
     forms.add(escaped)
     forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
