@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, quote_plus
 
-from stella.agent.v1 import task_pb2
+from stella.agent.v1 import result_pb2, task_pb2
 from stella_agent.errors import InvalidTaskError
 
 MASK = b"****"
@@ -289,6 +289,20 @@ def check_secret_lengths(secrets: Mapping[str, str]) -> None:
             "secret_environment if they are not secret",
             error_type="secret_too_short",
         )
+
+
+def mask_result(result: result_pb2.TaskResult, masker: SecretMasker) -> None:
+    """Mask the text fields of a result in place: error, logs and outputs."""
+    if not masker:
+        return
+    result.error = masker.mask_text(result.error)
+    result.logs = masker.mask_text(result.logs)
+    outputs = {
+        masker.mask_text(key): masker.mask_text(value)
+        for key, value in result.outputs.items()
+    }
+    result.outputs.clear()
+    result.outputs.update(outputs)
 
 
 class SecretRegistry:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stella.agent.v1 import task_pb2
+from stella.agent.v1 import result_pb2, task_pb2
 from stella_agent.errors import InvalidTaskError
 from stella_agent.logstream import STDOUT, TaskLog
 from stella_agent.masking import (
@@ -22,6 +22,7 @@ from stella_agent.masking import (
     SecretMasker,
     SecretRegistry,
     check_secret_lengths,
+    mask_result,
     secrets_of,
 )
 
@@ -148,6 +149,26 @@ def test_masker_is_a_task_log_masker():
     log.write(STDOUT, f"password={SECRET}\n".encode())
 
     assert chunks[0].data == b"password=****\n"
+
+
+def test_mask_result_masks_text_fields():
+    result = result_pb2.TaskResult(
+        task_id="t1",
+        error=f"login failed with {SECRET}",
+        logs=f"tail {SECRET}",
+        outputs={"token": SECRET, SECRET: "as key", "container_id": "abc"},
+    )
+
+    mask_result(result, SecretMasker([SECRET]))
+
+    assert result.error == "login failed with ****"
+    assert result.logs == "tail ****"
+    assert dict(result.outputs) == {
+        "token": "****",
+        "****": "as key",
+        "container_id": "abc",
+    }
+    assert result.task_id == "t1"
 
 
 # StreamMasker ----------------------------------------------------------------
