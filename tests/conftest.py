@@ -21,6 +21,10 @@ import pytest
 DEV_STATE = Path(os.environ.get("STELLA_DEV_STATE", "/var/lib/stella-dev"))
 TEST_LABEL = "stella-test"
 """Label on everything tests create, so a final sweep can remove leftovers."""
+TEST_RUN = uuid.uuid4().hex[:12]
+"""Value of TEST_LABEL for this pytest run: the sweep removes only what this
+run created, never the containers of another run on the same engine."""
+TEST_LABELS = {TEST_LABEL: TEST_RUN}
 
 
 def require(condition: bool, reason: str) -> None:
@@ -115,7 +119,8 @@ def compose_command(docker_client) -> list[str]:
 
 
 def _remove_labelled(client) -> None:
-    for container in client.containers.list(all=True, filters={"label": TEST_LABEL}):
+    selector = f"{TEST_LABEL}={TEST_RUN}"
+    for container in client.containers.list(all=True, filters={"label": selector}):
         container.remove(force=True, v=True)
-    for volume in client.volumes.list(filters={"label": TEST_LABEL}):
+    for volume in client.volumes.list(filters={"label": selector}):
         volume.remove(force=True)

@@ -69,10 +69,20 @@ class Process:
             self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         )
 
-    def wait_for_output(self, text: str, timeout: float = 30) -> None:
+    def mark(self) -> int:
+        """Return the current length of the output, for wait_for_output."""
+        return len(self.output())
+
+    def restart(self, ready_text: str) -> None:
+        """Start the process again and wait until it prints `ready_text` anew."""
+        mark = self.mark()
+        self.start()
+        self.wait_for_output(ready_text, since=mark)
+
+    def wait_for_output(self, text: str, timeout: float = 30, since: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.output():
+            if text in self.output()[since:]:
                 return
             if self.proc is not None and self.proc.poll() is not None:
                 break
@@ -138,6 +148,9 @@ def write_agent_config(
             "key_file": str(pki / f"agent-{cert_id}.key"),
         },
         "tasks": {"health_timeout_seconds": 20, "settle_seconds": 2},
+        # busybox as PID 1 ignores SIGTERM, so every stop would wait the
+        # full grace period; keep it short.
+        "docker": {"stop_timeout_seconds": 2},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

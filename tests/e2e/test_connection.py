@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
-from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, task_pb2
 
+from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, task_pb2
 from stella_agent.certs import read_tls_files
 from tests.conftest import require
 from tests.e2e.conftest import (
@@ -138,7 +140,11 @@ def test_agent_with_wrong_ca_reports_cause_and_retries(pki, orchestrator, tmp_pa
 
 
 def test_grpcurl_lists_services_by_reflection(pki, orchestrator):
-    grpcurl = shutil.which("grpcurl")
+    # The venv's bin/ holds grpcurl; it may not be on PATH when pytest runs
+    # from the venv's interpreter directly.
+    grpcurl = shutil.which("grpcurl") or shutil.which(
+        "grpcurl", path=str(Path(sys.executable).parent)
+    )
     require(grpcurl is not None, "grpcurl is not installed; run scripts/dev-env.sh")
     tls = [
         "-cacert",

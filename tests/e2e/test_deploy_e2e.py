@@ -9,9 +9,9 @@ import urllib.request
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
-from stella.agent.v1 import control_pb2, task_pb2
 
-from tests.conftest import TEST_LABEL
+from stella.agent.v1 import control_pb2, task_pb2
+from tests.conftest import TEST_LABEL, TEST_RUN
 from tests.e2e.conftest import AGENT_ID, Process, control_client, free_port, run
 
 
@@ -28,7 +28,7 @@ def deploy_task(
             config=task_pb2.DeployConfig(
                 container_name=name,
                 ports=[f"127.0.0.1:{port}:8080"],
-                labels={TEST_LABEL: "1"},
+                labels={TEST_LABEL: TEST_RUN},
                 release_id=task_id,
                 release_name=f"release {task_id}",
                 health_check=task_pb2.HealthCheckConfig(timeout=Duration(seconds=20)),
@@ -89,7 +89,7 @@ def test_deploy_upgrade_and_rollback_through_orchestrator(
     assert second.success, second.error
     assert second.outputs["previous_digest"] == test_images["web:v1"].digest
     assert not broken.success
-    assert broken.error_type == "health_check_failed"
+    assert broken.error_type == "health_check_failed", broken.error
     assert broken.rolled_back
     assert fetch(port) == "v2"
 
@@ -115,8 +115,7 @@ def test_agent_delivers_held_result_after_orchestrator_restart(
     orchestrator.kill()
     # The deploy goes on without the orchestrator; give it time to finish.
     agent.wait_for_output(f"task {task_id} finished", timeout=60)
-    orchestrator.start()
-    orchestrator.wait_for_output("orchestrator listening")
+    orchestrator.restart("orchestrator listening")
 
     async def collect():
         async with control_client(pki, orchestrator.address) as client:

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from stella.agent.v1 import control_pb2, task_pb2
-from tests.conftest import TEST_LABEL
+from tests.conftest import TEST_LABEL, TEST_RUN
 from tests.e2e.conftest import (
     AGENT_ID,
     Process,
@@ -34,7 +34,7 @@ def worker_task(task_id, image, name, settle_seconds, **extra):
             digest=image.digest,
             config=task_pb2.DeployConfig(
                 container_name=name,
-                labels={TEST_LABEL: "1"},
+                labels={TEST_LABEL: TEST_RUN},
                 release_id=task_id,
                 health_check=task_pb2.HealthCheckConfig(
                     settle_period=Duration(seconds=settle_seconds),
@@ -93,8 +93,7 @@ def test_orchestrator_killed_during_health_wait(
     )
     orchestrator.kill()
     time.sleep(2)
-    orchestrator.start()
-    orchestrator.wait_for_output("orchestrator listening")
+    orchestrator.restart("orchestrator listening")
 
     async def collect():
         async with control_client(pki, orchestrator.address) as client:
@@ -195,7 +194,7 @@ def test_timeout_rolls_back(pki, orchestrator, agent, test_images, container_nam
     slow = worker_task(
         "fault-slow", test_images["worker:v1"], container_name, settle_seconds=60
     )
-    slow.timeout.CopyFrom(Duration(seconds=4))
+    slow.timeout.CopyFrom(Duration(seconds=8))
 
     async def scenario():
         async with control_client(pki, orchestrator.address) as client:

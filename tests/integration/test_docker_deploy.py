@@ -24,7 +24,7 @@ from stella_agent.config import config_from_mapping
 from stella_agent.executors.base import TaskContext
 from stella_agent.executors.docker import DockerExecutor
 from stella_agent.runner import TaskRunner
-from tests.conftest import TEST_LABEL
+from tests.conftest import TEST_LABEL, TEST_RUN
 
 pytestmark = pytest.mark.docker
 
@@ -51,7 +51,7 @@ def deploy_task(
     config.setdefault(
         "health_check", task_pb2.HealthCheckConfig(timeout=Duration(seconds=15))
     )
-    labels = {TEST_LABEL: "1", **config.pop("labels", {})}
+    labels = {TEST_LABEL: TEST_RUN, **config.pop("labels", {})}
     return task_pb2.AgentTask(
         id=task_id,
         type=task_pb2.TASK_TYPE_DEPLOY,
@@ -188,7 +188,7 @@ def test_first_deploy_serves_and_labels(
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["stella.deployed.at"]
     )
-    assert labels[TEST_LABEL] == "1"
+    assert labels[TEST_LABEL] == TEST_RUN
     assert container.attrs["Config"]["Image"] == image.reference
     assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     assert result.metrics.health_check_duration_ms > 0
