@@ -1,0 +1,450 @@
+"""The Compose executor: deploys and rolls back stacks pinned by digest.
+
+A deploy reads as the steps below, each a short block of ``_deploy``:
+
+1. prepare: check the task, derive the project name, find the stack directory
+   and Compose, and check that no other stack owns the project;
+2. artifacts: obtain the lock file and config files and verify their sha256;
+3. verify: write them into a staging snapshot and check the model that
+   ``docker compose config`` resolves against the expected digests;
+4. pull: make every image present and check its repository digest;
+5. pre-deploy hook (call site only, because hooks are rejected for now);
+6. switch: the live release becomes the backup, the staged one goes live,
+   ``up --remove-orphans --force-recreate`` runs, the running containers'
+   image ids are checked, and every service must become healthy;
+7. sticker: ``version.json`` records what runs.
+
+Nothing running is touched before step 6. A failure in step 6 restores the
+backup and brings it up again, verified, or takes the project down when there
+was no previous release. A rollback task promotes the backup with the same
+switch, so the release it replaces becomes the new backup.
+
+The task's ``DeployConfig.environment`` becomes the environment of the Compose
+commands. Services receive a value byte for byte through a bare key
+(``environment: [NAME]``) or ``${NAME}`` in the lock file, which the agent
+writes verbatim; a literal ``$`` in the lock file itself is written ``$$``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from google.protobuf.duration_pb2 import Duration
+
+from stella.agent.v1 import task_pb2
+from stella_agent.artifacts import (
+    Artifact,
+    ArtifactFetcher,
+    materialise_artifacts,
+    validate_artifact_name,
+)
+from stella_agent.errors import (
+    DigestMismatchError,
+    InvalidTaskError,
+    RollbackFailedError,
+    TaskError,
+)
+from stella_agent.executors.base import Outcome, TaskContext
+from stella_agent.executors.compose_runner import ComposeRunner, reserved_variable
+from stella_agent.executors.compose_stack import (
+    LOCK_FILE_NAME,
+    RESERVED_NAMES,
+    ReleaseFile,
+    ReleaseRecord,
+    Switch,
+    commit,
+    promote,
+    read_release,
+    restore,
+    snapshot_files_directory,
+    take_backup_for_rollback,
+    write_snapshot,
+)
+from stella_agent.executors.compose_steps import StackSteps, disk, now_rfc3339
+from stella_agent.executors.compose_verify import (
+    ServicePlan,
+    validate_expected_digests,
+    verify_model,
+)
+from stella_agent.tasks import type_name
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENT_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ComposeExecutor:
+    """Runs deploy and rollback tasks of the Compose executor.
+
+    `artifact_fetcher` obtains artifacts that a task names without inline
+    content; without one, such tasks are rejected. `runner` replaces the
+    Compose runner, which is otherwise built from the agent configuration.
+    """
+
+    def __init__(
+        self,
+        artifact_fetcher: ArtifactFetcher | None = None,
+        *,
+        runner: ComposeRunner | None = None,
+    ) -> None:
+        self._fetcher = artifact_fetcher
+        self._runner = runner
+
+    async def run(self, context: TaskContext) -> Outcome:
+        task_type = context.task.type
+        try:
+            if task_type == task_pb2.TASK_TYPE_DEPLOY:
+                return await self._deploy(context)
+            if task_type == task_pb2.TASK_TYPE_ROLLBACK:
+                return await self._rollback(context)
+        except DigestMismatchError as exc:
+            # TODO: record this in the audit log once it exists. Until then
+            # the agent log and the task result carry it.
+            logger.warning(
+                "digest mismatch in task %s: %s", context.task.id, exc.message
+            )
+            raise
+        raise InvalidTaskError(
+            f"the Compose executor does not run {type_name(task_type)} tasks",
+            error_type="unsupported",
+        )
+
+    def _compose_runner(self, context: TaskContext) -> ComposeRunner:
+        # The runner is built on first use because it needs the configuration,
+        # and kept so that Compose is discovered once.
+        if self._runner is None:
+            self._runner = ComposeRunner(context.config.compose.command)
+        return self._runner
+
+    # Deploy
+
+    async def _deploy(self, context: TaskContext) -> Outcome:
+        payload = context.task.deploy
+        config = payload.config
+
+        context.set_phase("prepare")
+        _reject_hooks(payload.hooks)
+        expected = validate_expected_digests(config.expected_digests)
+        environment = validate_environment(config.environment)
+        _check_release_layout(payload.artifacts)
+        steps = await StackSteps.open(
+            context,
+            self._compose_runner(context),
+            config.stack_name,
+            config.deployment_directory,
+        )
+        if config.HasField("sticker"):
+            # TODO: write the configured sticker location once the general
+            # sticker writer exists. Until then only version.json is written.
+            context.log.info(
+                "the task's sticker location is not written yet; see %s",
+                steps.paths.version_file,
+            )
+
+        context.set_phase("artifacts")
+        artifacts = await materialise_artifacts(
+            payload.artifacts, context.task.id, self._fetcher
+        )
+        files, release_files = _release_files(artifacts)
+        record = ReleaseRecord(
+            stack_name=steps.stack_name,
+            project_name=steps.project,
+            task_id=context.task.id,
+            release_id=config.release_id,
+            release_name=config.release_name,
+            deployed_at=now_rfc3339(),
+            expected_digests=expected,
+            files=release_files,
+            environment=environment,
+            health_timeout_seconds=_seconds(config.health_check.timeout),
+            settle_seconds=_seconds(config.health_check.settle_period),
+        )
+        context.checkpoint()
+
+        async with steps.locked(create=True):
+            staging = steps.paths.staging
+            await disk(write_snapshot, staging, files, record)
+            try:
+                context.set_phase("verify")
+                files_directory = snapshot_files_directory(staging)
+                model = await steps.resolved_model(files_directory, environment)
+                plans = verify_model(model, expected)
+                context.checkpoint()
+
+                context.set_phase("pull")
+                image_ids = await steps.pull(plans, forward=True)
+                context.checkpoint()
+
+                # Pre-deploy hook call site: it runs here, after the images are
+                # pulled and verified and before anything running changes.
+                # Hooks are rejected in _reject_hooks until they are built.
+            except BaseException:
+                await disk(shutil.rmtree, staging, True)
+                raise
+            switch, verdicts = await self._switch(
+                steps, staging, record, plans, image_ids
+            )
+        context.log.info(
+            "stack %s deployed as project %s", steps.stack_name, steps.project
+        )
+        return Outcome(outputs=_outputs(steps, record, switch, verdicts))
+
+    # Rollback
+
+    async def _rollback(self, context: TaskContext) -> Outcome:
+        payload = context.task.rollback
+
+        context.set_phase("prepare")
+        if payload.target_digest or payload.image:
+            raise InvalidTaskError(
+                "rollback to a target_digest is not supported by the Compose "
+                "executor; deploy the earlier lock file instead",
+                error_type="unsupported",
+            )
+        steps = await StackSteps.open(
+            context,
+            self._compose_runner(context),
+            payload.stack_name,
+            payload.deployment_directory,
+        )
+
+        async with steps.locked(create=False):
+            paths = steps.paths
+            record = await disk(read_release, paths.backup / "release.json")
+            if record is None:
+                raise RollbackFailedError(
+                    f"stack {steps.stack_name!r} has no previous release to roll "
+                    f"back to in {paths.directory}"
+                )
+
+            context.set_phase("verify")
+            files_directory = snapshot_files_directory(paths.backup)
+            try:
+                model = await steps.resolved_model(files_directory, record.environment)
+                plans = verify_model(model, record.expected_digests)
+            except InvalidTaskError as exc:
+                raise RollbackFailedError(
+                    f"the previous release cannot be deployed again: {exc.message}"
+                ) from None
+            context.checkpoint()
+
+            context.set_phase("pull")
+            image_ids = await steps.pull(plans, forward=True)
+            context.checkpoint()
+
+            await disk(take_backup_for_rollback, paths)
+            switch, verdicts = await self._switch(
+                steps, paths.displaced, record, plans, image_ids
+            )
+        context.log.info(
+            "stack %s rolled back to release %s",
+            steps.stack_name,
+            record.release_id or "(no id)",
+        )
+        return Outcome(outputs=_outputs(steps, record, switch, verdicts))
+
+    # Switch and recovery
+
+    async def _switch(
+        self,
+        steps: StackSteps,
+        source: Path,
+        record: ReleaseRecord,
+        plans: Mapping[str, ServicePlan],
+        image_ids: Mapping[str, str],
+    ) -> tuple[Switch, dict[str, str]]:
+        """Make the snapshot `source` live and healthy, or restore the previous
+        release and re-raise."""
+        context = steps.context
+        context.set_phase("up")
+        notes: list[str] = []
+        switch = await disk(promote, steps.paths, source, notes)
+        for note in notes:
+            context.log.info("%s", note)
+        try:
+            await steps.up(record, plans, image_ids, forward=True)
+
+            context.set_phase("health")
+            started = time.monotonic()
+            verdicts = await steps.wait_for_health(plans, record, forward=True)
+            elapsed = time.monotonic() - started
+            context.metrics.health_check_duration_ms = int(elapsed * 1000)
+
+            # Post-deploy hook call site: it runs here, once the release is
+            # healthy, and its failure must roll back like a failed health
+            # check. Hooks are rejected in _reject_hooks until they are built.
+
+            context.set_phase("sticker")
+            await steps.write_sticker(record, plans)
+            await disk(commit, steps.paths)
+        except BaseException as failure:
+            await self._recover(steps, switch, record, failure)
+            raise
+        return switch, verdicts
+
+    async def _recover(
+        self,
+        steps: StackSteps,
+        switch: Switch,
+        failed: ReleaseRecord,
+        failure: BaseException,
+    ) -> None:
+        """Bring the previous release back after `failure` and add the outcome
+        to the failure's message.
+
+        Raises RollbackFailedError when that fails too. For a failure that is
+        not a TaskError (cancellation of the asyncio task, a bug) the caller
+        re-raises the original exception.
+        """
+        context = steps.context
+        failed_phase = context.phase
+        context.set_phase("rollback")
+        reason = str(failure) or type(failure).__name__
+        context.log.info("task failed during %s: %s", failed_phase, reason)
+        try:
+            if switch.previous is None:
+                await steps.take_down(failed)
+                await disk(restore, steps.paths, switch)
+                await disk(steps.paths.version_file.unlink, True)
+                outcome = (
+                    "there was no previous release, so the failed one was taken down"
+                )
+            else:
+                await self._bring_back(steps, switch)
+                release = switch.previous.release_id or "without id"
+                outcome = (
+                    f"the previous release ({release}) was restored and is running"
+                )
+        except Exception as recovery_error:
+            # Any exception, a bug included, ends as rollback_failed.
+            if isinstance(recovery_error, TaskError):
+                detail = recovery_error.message
+            else:
+                detail = repr(recovery_error)
+            context.log.info("restoring the previous release failed: %s", detail)
+            if isinstance(failure, TaskError):
+                raise RollbackFailedError(
+                    f"{failure.message}; restoring the previous release failed "
+                    f"too: {detail}",
+                    phase=failure.phase or failed_phase,
+                ) from failure
+            return
+
+        context.log.info("%s", outcome)
+        if isinstance(failure, TaskError):
+            failure.message = f"{failure.message}; {outcome}"
+            failure.args = (failure.message,)
+            failure.phase = failure.phase or failed_phase
+            failure.rolled_back = switch.previous is not None
+
+    async def _bring_back(self, steps: StackSteps, switch: Switch) -> None:
+        """Restore the backup's files and bring that release up, verified."""
+        previous = switch.previous
+        assert previous is not None
+        await disk(restore, steps.paths, switch)
+        model = await steps.resolved_model(
+            steps.paths.directory, previous.environment, forward=False
+        )
+        plans = verify_model(model, previous.expected_digests)
+        image_ids = await steps.pull(plans, forward=False)
+        await steps.up(previous, plans, image_ids, forward=False)
+        await steps.wait_for_health(plans, previous, forward=False)
+        await steps.write_sticker(previous, plans)
+
+
+def validate_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """Return the task's environment after checking names and values.
+
+    The values become the environment of the Compose commands, from which
+    services take them byte for byte (see compose_environment).
+    """
+    for name, value in environment.items():
+        if not ENVIRONMENT_NAME_PATTERN.match(name):
+            raise InvalidTaskError(
+                f"environment variable name {name[:100]!r} is invalid: use letters, "
+                "digits and '_', not starting with a digit"
+            )
+        if reserved_variable(name):
+            raise InvalidTaskError(
+                f"environment variable {name} is reserved for running Docker "
+                "Compose; set it in the lock file instead"
+            )
+        if "\x00" in value:
+            raise InvalidTaskError(
+                f"environment variable {name} contains a NUL byte, which no process "
+                "can receive"
+            )
+    return dict(environment)
+
+
+def _reject_hooks(hooks: task_pb2.DeployHooks) -> None:
+    # TODO: run hooks once the hook sandbox exists. Until then a task with a
+    # hook is rejected, because skipping it silently would break its promise.
+    for name in ("pre_deploy", "post_deploy"):
+        if hooks.HasField(name) and getattr(hooks, name).command:
+            raise InvalidTaskError(
+                f"{name} hooks are not supported by the Compose executor yet",
+                error_type="unsupported",
+            )
+
+
+def _check_release_layout(references: Sequence[task_pb2.ArtifactReference]) -> None:
+    """Check that a deploy names exactly one lock file and no reserved file."""
+    locks = [ref for ref in references if ref.type == "compose_lock"]
+    if len(locks) != 1:
+        raise InvalidTaskError(
+            "a Compose deploy needs exactly one artifact of type compose_lock, "
+            f"got {len(locks)}"
+        )
+    for reference in references:
+        validate_artifact_name(reference.name)
+        top = reference.name.split("/", 1)[0]
+        if reference.type != "compose_lock" and top in RESERVED_NAMES:
+            raise InvalidTaskError(
+                f"config artifact name {reference.name!r} is reserved by the agent; "
+                f"choose a name outside {', '.join(RESERVED_NAMES)}"
+            )
+
+
+def _release_files(
+    artifacts: list[Artifact],
+) -> tuple[list[tuple[str, bytes, int]], list[ReleaseFile]]:
+    """Map artifacts to release files: the compose_lock artifact is written as
+    the lock file, config artifacts under their own names."""
+    files = []
+    records = []
+    for artifact in artifacts:
+        name = LOCK_FILE_NAME if artifact.type == "compose_lock" else artifact.name
+        files.append((name, artifact.content, artifact.mode))
+        records.append(
+            ReleaseFile(name=name, mode=artifact.mode, sha256=artifact.sha256)
+        )
+    return files, records
+
+
+def _outputs(
+    steps: StackSteps,
+    record: ReleaseRecord,
+    switch: Switch,
+    verdicts: Mapping[str, str],
+) -> dict[str, str]:
+    outputs = {
+        "project_name": steps.project,
+        "deployment_directory": str(steps.paths.directory),
+        "compose_version": steps.compose_command.version,
+        "release_id": record.release_id,
+    }
+    if switch.previous is not None:
+        outputs["previous_release_id"] = switch.previous.release_id
+    for name, verdict in verdicts.items():
+        outputs[f"service.{name}"] = verdict
+    return outputs
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
