@@ -18,6 +18,7 @@ from stella_agent.errors import CertificateError, InvalidTaskError, TaskError
 from stella_agent.executors.base import Executor
 from stella_agent.journal import Journal
 from stella_agent.runner import TaskRunner
+from stella_agent.security import AgentSecurity
 from stella_agent.session import AgentSession
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,9 @@ async def run_agent(config: AgentConfig) -> int:
             f"{config.agent_id!r}; the orchestrator would reject the agent. Use the certificate "
             "issued for this agent id, or set agent_id to its common name"
         )
-    config.state_path.mkdir(parents=True, exist_ok=True)
+    # The journal and keys are the agent's alone.
+    config.state_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config.state_path.chmod(0o700)
 
     session_holder: list[AgentSession] = []
     fetcher = ArtifactFetcher(lambda: session_holder[0])
@@ -112,6 +115,15 @@ async def run_agent(config: AgentConfig) -> int:
     )
 
     journal = Journal(config.state_path / "journal.db")
+    security = AgentSecurity(
+        config,
+        on_audit_record=lambda line: (
+            session_holder[0].send_audit_record(line) if session_holder else None
+        ),
+    )
+    # The agent's own log must not show the secrets of running tasks either.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(security.log_filter())
 
     def make_dispatcher(session: AgentSession) -> Dispatcher:
         return Dispatcher(
@@ -120,9 +132,12 @@ async def run_agent(config: AgentConfig) -> int:
             on_event=session.send_event,
             chunk_sink_for=session.chunk_sink,
             on_result=session.deliver_result,
+            security=security,
         )
 
-    session = AgentSession(config, tls, make_dispatcher, journal=journal)
+    session = AgentSession(
+        config, tls, make_dispatcher, journal=journal, security=security
+    )
     session_holder.append(session)
 
     # SIGTERM and SIGINT drain gracefully; a second signal stops at once.
@@ -149,5 +164,6 @@ async def run_agent(config: AgentConfig) -> int:
         await session.run()
     finally:
         journal.close()
+        security.close()
     logger.info("agent %s stopped", config.agent_id)
     return 0

@@ -90,6 +90,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         if args.operator
         else frozenset({"stella-operator"}),
         heartbeat_interval=args.heartbeat_interval,
+        signing_key_file=args.signing_key or "",
     )
     asyncio.run(serve(config))
     return 0
@@ -162,6 +163,49 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     files = init_dev_pki(args.dir, args.agent_id)
     for label, path in vars(files).items():
         print(f"{label:18} {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from stella_agent.checks import format_results, run_checks
+    from stella_agent.config import load_config
+
+    _configure_logging(args.log_level)
+    results = run_checks(load_config(args.config))
+    print(format_results(results))
+    return 0 if all(result.ok for result in results) else EXIT_TASK_FAILED
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from stella_agent.audit import AUDIT_FILE, verify_audit_log
+    from stella_agent.config import load_config
+
+    if args.file:
+        path = Path(args.file)
+    elif args.config:
+        path = load_config(args.config).state_path / AUDIT_FILE
+    else:
+        print("stella-agent: error: give --config or --file", file=sys.stderr)
+        return EXIT_USAGE
+    problems = verify_audit_log(path)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(
+            f"{path}: {len(problems)} problem(s); the audit log was altered",
+            file=sys.stderr,
+        )
+        return EXIT_TASK_FAILED
+    print(f"{path}: intact")
+    return 0
+
+
+def cmd_keys_signing(args: argparse.Namespace) -> int:
+    from stella_agent.signing import generate_signing_key
+
+    files = generate_signing_key(args.path)
+    for label, value in vars(files).items():
+        print(f"{label:12} {value}")
     return 0
 
 
@@ -249,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds between agent heartbeats (default %(default)s)",
     )
+    orchestrator.add_argument(
+        "--signing-key", help="Ed25519 private key (PEM) to sign every task with"
+    )
     orchestrator.set_defaults(func=cmd_orchestrator)
 
     submit = commands.add_parser(
@@ -282,6 +329,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_operator_options(agents)
     agents.set_defaults(func=cmd_agents)
+
+    check = commands.add_parser(
+        "check", help="check certificates, key and the connection to the orchestrator"
+    )
+    check.add_argument(
+        "--config", required=True, help="path of the agent's YAML config"
+    )
+    check.set_defaults(func=cmd_check)
+
+    audit = commands.add_parser("audit", help="the agent's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="detect edited, deleted or reordered audit records"
+    )
+    verify.add_argument("--config", help="agent config whose state_dir holds audit.log")
+    verify.add_argument("--file", help="audit log file to verify")
+    verify.set_defaults(func=cmd_audit_verify)
+
+    keys = commands.add_parser("keys", help="orchestrator signing keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    signing = keys_commands.add_parser(
+        "signing", help="create an Ed25519 signing key and its public key (PATH.pub)"
+    )
+    signing.add_argument("path", help="file to write the private key to")
+    signing.set_defaults(func=cmd_keys_signing)
 
     certs = commands.add_parser("certs", help="development certificates")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True)

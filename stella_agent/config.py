@@ -143,6 +143,22 @@ class StickerConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Signed tasks: which orchestrator keys the agent trusts."""
+
+    require_signed_tasks: bool = False
+    """Reject every task that is not signed by one of `public_keys`."""
+    public_keys: tuple[str, ...] = ()
+    """Ed25519 public keys as PEM file paths, optionally "KEY_ID=PATH"; several
+    keys may be listed at once while keys are rotated."""
+    max_clock_skew_seconds: float = 60.0
+    """How far the orchestrator's clock may be from this host's."""
+    replay_window_seconds: float = 86400.0
+    """Longest accepted time to a signed task's expiry; task ids are
+    remembered that long to reject replays."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything `stella-agent run` needs."""
 
@@ -159,6 +175,7 @@ class AgentConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     sticker: StickerConfig = field(default_factory=StickerConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
     @property
     def state_path(self) -> Path:
@@ -173,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "tasks": TasksConfig,
     "hooks": HooksConfig,
     "sticker": StickerConfig,
+    "signing": SigningConfig,
 }
 
 
@@ -347,6 +365,11 @@ def _validate(config: AgentConfig) -> None:
         raise ConfigError(
             f"config key 'sticker.location' must be 'host' or 'volume', got {config.sticker.location!r}"
         )
+    if config.signing.require_signed_tasks and not config.signing.public_keys:
+        raise ConfigError(
+            "config key 'signing.require_signed_tasks' is true but 'signing.public_keys' "
+            "is empty; list the orchestrator's signing public key files"
+        )
     for command in config.tasks.host_command_allowlist:
         if not command.startswith("/"):
             raise ConfigError(
@@ -383,4 +406,19 @@ def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
         cert_file=resolve(config.tls.cert_file),
         key_file=resolve(config.tls.key_file),
     )
-    return replace(config, tls=tls, state_dir=resolve(config.state_dir))
+    signing = replace(
+        config.signing,
+        public_keys=tuple(
+            _resolve_key_spec(spec, resolve) for spec in config.signing.public_keys
+        ),
+    )
+    return replace(
+        config, tls=tls, signing=signing, state_dir=resolve(config.state_dir)
+    )
+
+
+def _resolve_key_spec(spec: str, resolve) -> str:
+    key_id, sep, path = spec.partition("=")
+    if sep and "/" not in key_id:
+        return f"{key_id}={resolve(path)}"
+    return resolve(spec)

@@ -29,14 +29,40 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stella.agent.v1 import gateway_pb2, result_pb2, task_pb2
+from stella_agent.audit import (
+    ACTION_COMMAND_EXECUTED,
+    ACTION_CREDENTIALS_INVALID,
+    ACTION_DEPLOY_PHASE,
+    ACTION_DIGEST_MISMATCH,
+    ACTION_FILES_WRITTEN,
+    ACTION_ROLLBACK,
+    ACTION_STICKER_WRITTEN,
+    ACTION_TASK_ACCEPTED,
+    ACTION_TASK_FINISHED,
+    ACTION_TASK_REJECTED,
+)
 from stella_agent.errors import InvalidTaskError, TaskError
 from stella_agent.executors.base import TaskContext
 from stella_agent.journal import FINISHED, RECEIVED, REJECTED, Journal
 from stella_agent.logstream import ChunkSink
+from stella_agent.masking import SecretMasker
 from stella_agent.runner import TaskRunner, check_expiry, now_timestamp
+from stella_agent.security import (
+    AgentSecurity,
+    PreparedTask,
+    journal_copy,
+    lost_secrets,
+)
 from stella_agent.tasks import EXECUTOR_NAMES, TASK_ID_PATTERN, type_name, validate_task
 
 logger = logging.getLogger(__name__)
+
+TYPE_ACTIONS = {
+    task_pb2.TASK_TYPE_EXECUTE_COMMAND: ACTION_COMMAND_EXECUTED,
+    task_pb2.TASK_TYPE_UPLOAD_FILES: ACTION_FILES_WRITTEN,
+    task_pb2.TASK_TYPE_WRITE_STICKER: ACTION_STICKER_WRITTEN,
+}
+"""Audit actions for task types whose success is itself an auditable act."""
 
 
 def target_key(task: task_pb2.AgentTask) -> str:
@@ -83,8 +109,11 @@ class Dispatcher:
         on_event: Callable[[gateway_pb2.ConnectRequest], None],
         chunk_sink_for: Callable[[str], ChunkSink],
         on_result: Callable[[result_pb2.TaskResult], None],
+        security: AgentSecurity | None = None,
     ) -> None:
         self.runner = runner
+        self.security = security
+        self._prepared: dict[str, PreparedTask] = {}
         self.journal = journal
         self.config = runner.config
         self._on_event = on_event
@@ -120,6 +149,8 @@ class Dispatcher:
             validate_task(task)
             check_expiry(task)
             self._check_addressing(task)
+            if self.security is not None:
+                self._prepared[task.id] = self.security.prepare(task)
         except TaskError as exc:
             self._reject(task, key, exc)
             return
@@ -152,9 +183,10 @@ class Dispatcher:
             return
 
         # Durable before accepted: a crash after this line still yields a result.
-        self.journal.record_received(task, key)
+        self.journal.record_received(journal_copy(task), key)
         entry = TaskEntry(task, key)
         self.entries[task.id] = entry
+        self._audit(ACTION_TASK_ACCEPTED, task, outcome="accepted")
         self._emit_accepted(task.id)
         logger.info("task %s (%s) accepted for %s", task.id, type_name(task.type), key)
         heapq.heappush(self._pending, (-task.priority, next(self._arrival), task.id))
@@ -187,7 +219,9 @@ class Dispatcher:
         if original is None:
             return False
         original_id = original.task.id
-        self.journal.record_received(task, key, original_task_id=original_id)
+        self.journal.record_received(
+            journal_copy(task), key, original_task_id=original_id
+        )
         self._emit_accepted(task.id, duplicate=True, original=original_id)
         logger.info(
             "task %s has the idempotency key of task %s; answered with its result, not run",
@@ -236,7 +270,20 @@ class Dispatcher:
 
     def _reject(self, task: task_pb2.AgentTask, key: str, exc: TaskError) -> None:
         task_id = task.id or "(none)"
+        self._prepared.pop(task.id, None)
         logger.warning("task %s rejected: %s", task_id, exc.message)
+        action = (
+            ACTION_CREDENTIALS_INVALID
+            if exc.error_type == "credentials_invalid"
+            else ACTION_TASK_REJECTED
+        )
+        self._audit(
+            action,
+            task,
+            outcome="rejected",
+            error_type=exc.error_type,
+            reason=exc.message,
+        )
         self._on_event(
             gateway_pb2.ConnectRequest(
                 task_rejected=gateway_pb2.TaskRejected(
@@ -259,7 +306,7 @@ class Dispatcher:
             completed_at=now_timestamp(),
         )
         if TASK_ID_PATTERN.match(task.id):
-            self.journal.record_received(task, key, state=REJECTED)
+            self.journal.record_received(journal_copy(task), key, state=REJECTED)
             self.journal.finish(result, state=REJECTED)
         self._on_result(result)
 
@@ -330,12 +377,32 @@ class Dispatcher:
             heapq.heappush(self._pending, item)
 
     def _new_context(self, task: task_pb2.AgentTask) -> TaskContext:
+        prepared = self._prepared_for(task)
+        if self.security is not None:
+            self.security.register(task.id, prepared)
+
+        def on_phase(phase: str) -> None:
+            self.journal.set_phase(task.id, phase)
+            self._audit(ACTION_DEPLOY_PHASE, task, outcome=phase)
+
         return self.runner.new_context(
             task,
             self._chunk_sink_for(task.id),
-            on_phase=lambda phase: self.journal.set_phase(task.id, phase),
+            credentials=prepared.credentials,
+            masker=prepared.masker,
+            on_phase=on_phase,
             on_note=lambda notes: self.journal.add_notes(task.id, notes),
         )
+
+    def _prepared_for(self, task: task_pb2.AgentTask) -> PreparedTask:
+        prepared = self._prepared.pop(task.id, None)
+        if prepared is not None:
+            return prepared
+        if self.security is None:
+            return PreparedTask(task_pb2.Credentials(), SecretMasker(()), ())
+        # A task read back from the journal after a restart: the sealed
+        # credentials open again with the agent's key.
+        return self.security.prepare(task)
 
     async def _run(self, entry: TaskEntry) -> None:
         task_id = entry.task.id
@@ -355,10 +422,45 @@ class Dispatcher:
         self._schedule()
 
     def _complete(self, entry: TaskEntry, result: result_pb2.TaskResult) -> None:
+        self._audit_result(entry.task, result)
+        if self.security is not None:
+            self.security.forget(entry.task.id)
         self.journal.finish(result)
         entry.result = result
         entry.done.set()
         self._on_result(result)
+
+    # Audit --------------------------------------------------------------------
+
+    def _audit(self, action: str, task: task_pb2.AgentTask, **fields) -> None:
+        if self.security is not None:
+            self.security.record(action, task, type=type_name(task.type), **fields)
+
+    def _audit_result(
+        self, task: task_pb2.AgentTask, result: result_pb2.TaskResult
+    ) -> None:
+        """Record what a finished task did, in the words of its type."""
+        if self.security is None:
+            return
+        if result.error_type == "digest_mismatch":
+            self._audit(
+                ACTION_DIGEST_MISMATCH, task, outcome="rejected", reason=result.error
+            )
+        if result.rolled_back:
+            self._audit(
+                ACTION_ROLLBACK, task, outcome="rolled_back", reason=result.error
+            )
+        specific = TYPE_ACTIONS.get(task.type)
+        if specific is not None and result.success:
+            self._audit(specific, task, outcome="done", outputs=dict(result.outputs))
+        self._audit(
+            ACTION_TASK_FINISHED,
+            task,
+            outcome="success" if result.success else "failure",
+            error_type=result.error_type,
+            error=result.error,
+            failed_phase=result.failed_phase,
+        )
 
     # Start and stop -----------------------------------------------------------
 
@@ -375,6 +477,13 @@ class Dispatcher:
             if stored.state == RECEIVED:
                 try:
                     check_expiry(task)
+                    if lost_secrets(task):
+                        raise TaskError(
+                            "the agent restarted before the task started, and its secret "
+                            "environment values are not kept on disk; send the task again",
+                            error_type="interrupted",
+                            retriable=True,
+                        )
                 except TaskError as exc:
                     self._complete(TaskEntry(task, key), _failed(task.id, exc))
                     continue
@@ -396,9 +505,17 @@ class Dispatcher:
             self.entries[task.id] = entry
             self._busy_targets.add(key)
             try:
+                prepared = self._prepared_for(task)
                 result = await self.runner.recover(
-                    task, stored.phase, stored.notes, self._chunk_sink_for(task.id)
+                    task,
+                    stored.phase,
+                    stored.notes,
+                    self._chunk_sink_for(task.id),
+                    credentials=prepared.credentials,
+                    masker=prepared.masker,
                 )
+            except TaskError as exc:
+                result = _failed(task.id, exc)
             finally:
                 self._busy_targets.discard(key)
             self._complete(entry, result)

@@ -30,6 +30,8 @@ ChunkSink = Callable[[result_pb2.LogChunk], bool | None]
 """Receives each chunk; returning False means the chunk was dropped (the
 spool is full), anything else that it was taken."""
 Masker = Callable[[bytes], bytes]
+"""Masks secrets in bytes. A masker with a ``stream()`` method (SecretMasker)
+is used per stream, so a secret split across two writes is masked too."""
 
 
 class TaskLog:
@@ -48,6 +50,7 @@ class TaskLog:
         self.task_id = task_id
         self._sink = sink
         self._masker = masker
+        self._stream_maskers: dict[int, object] = {}
         self._tail_limit = tail_bytes
         self._tail = bytearray()
         self._lock = threading.Lock()
@@ -76,9 +79,28 @@ class TaskLog:
         """Append bytes from `stream`, emitting chunks to the sink."""
         if not data:
             return
-        if self._masker is not None:
-            data = self._masker(data)
         with self._lock:
+            data = self._mask(stream, data)
+            self._emit(stream, data)
+
+    def flush(self) -> None:
+        """Emit bytes held back by stream masking; call when output ends."""
+        with self._lock:
+            for stream, stream_masker in self._stream_maskers.items():
+                self._emit(stream, stream_masker.flush())  # type: ignore[attr-defined]
+
+    def _mask(self, stream: int, data: bytes) -> bytes:
+        if self._masker is None:
+            return data
+        if not hasattr(self._masker, "stream"):
+            return self._masker(data)
+        stream_masker = self._stream_maskers.get(stream)
+        if stream_masker is None:
+            stream_masker = self._stream_maskers[stream] = self._masker.stream()
+        return stream_masker.write(data)  # type: ignore[attr-defined]
+
+    def _emit(self, stream: int, data: bytes) -> None:
+        if data:
             self._remember_tail(data)
             for start in range(0, len(data), MAX_CHUNK_BYTES):
                 piece = data[start : start + MAX_CHUNK_BYTES]

@@ -24,6 +24,7 @@ from stella_agent.errors import (
 )
 from stella_agent.executors.base import Executor, Outcome, TaskContext
 from stella_agent.logstream import ChunkSink, TaskLog
+from stella_agent.masking import SecretMasker, mask_result
 from stella_agent.tasks import EXECUTOR_NAMES, type_name, validate_task
 
 logger = logging.getLogger(__name__)
@@ -85,14 +86,14 @@ class TaskRunner:
         sink: ChunkSink | None,
         *,
         credentials: task_pb2.Credentials | None = None,
-        masker: Callable[[bytes], bytes] | None = None,
+        masker: SecretMasker | None = None,
         on_phase: Callable[[str], None] | None = None,
         on_note: Callable[[dict[str, str]], None] | None = None,
     ) -> TaskContext:
         timeout = self.config.tasks.default_timeout_seconds
         if task.HasField("timeout") and task.timeout.ToTimedelta().total_seconds() > 0:
             timeout = task.timeout.ToTimedelta().total_seconds()
-        return TaskContext(
+        context = TaskContext(
             task,
             TaskLog(task.id, sink, masker=masker),
             self.config,
@@ -101,6 +102,8 @@ class TaskRunner:
             on_phase=on_phase,
             on_note=on_note,
         )
+        context.masker = masker
+        return context
 
     async def run(self, context: TaskContext) -> result_pb2.TaskResult:
         """Run the task of `context` and return its result; never raises
@@ -126,10 +129,13 @@ class TaskRunner:
         phase: str,
         notes: dict[str, str],
         sink: ChunkSink | None,
+        *,
+        credentials: task_pb2.Credentials | None = None,
+        masker: SecretMasker | None = None,
     ) -> result_pb2.TaskResult:
         """Finish a task that was running when the agent stopped, through its
         executor's recovery, and return the result to report."""
-        context = self.new_context(task, sink)
+        context = self.new_context(task, sink, credentials=credentials, masker=masker)
         context.notes.update(notes)
         context.phase = phase
         # Recovery must run to its end: it is what restores the target.
@@ -202,6 +208,9 @@ class TaskRunner:
             (time.monotonic() - started) * 1000
         )
         result.metrics.health_check_duration_ms = metrics.health_check_duration_ms
+        context.log.flush()
+        if context.masker is not None:
+            mask_result(result, context.masker)
         if context.log.dropped_bytes:
             # The spool was full while the stream was down; say how much is missing.
             result.outputs["log_dropped_bytes"] = str(context.log.dropped_bytes)

@@ -28,11 +28,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
 from stella_agent import __version__
+from stella_agent.audit import ACTION_SIGNATURE_INVALID
 from stella_agent.certs import TlsFiles
 from stella_agent.config import AgentConfig
 from stella_agent.dispatcher import Dispatcher
-from stella_agent.errors import StellaError
+from stella_agent.errors import StellaError, TaskError
 from stella_agent.journal import Journal
+from stella_agent.security import AgentSecurity
+from stella_agent.signing import ReplayedTaskError, SignatureError
 from stella_agent.tasks import TYPE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -196,13 +199,13 @@ class AgentSession:
         dispatcher_factory: Callable[[AgentSession], Dispatcher],
         *,
         journal: Journal,
-        public_key: gateway_pb2.AgentPublicKey | None = None,
+        security: AgentSecurity | None = None,
         capabilities: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.security = security
         self.tls = tls
         self.journal = journal
-        self.public_key = public_key
         self.capabilities = capabilities or [*TYPE_NAMES.values(), "docker", "compose"]
         # Results survive restarts in the journal's outbox until acknowledged.
         self.outbox: dict[str, result_pb2.TaskResult] = {
@@ -388,8 +391,8 @@ class AgentSession:
             hostname=socket.gethostname(),
             target_ids=list(self.config.tasks.targets),
         )
-        if self.public_key is not None:
-            hello.public_key.CopyFrom(self.public_key)
+        if self.security is not None:
+            hello.public_key.CopyFrom(self.security.public_key())
         return hello
 
     def _resend(self, outgoing: asyncio.Queue, welcome: gateway_pb2.Welcome) -> None:
@@ -413,7 +416,11 @@ class AgentSession:
     def _handle(self, message: gateway_pb2.ConnectResponse) -> None:
         kind = message.WhichOneof("body")
         if kind == "task":
-            self.dispatcher.receive(message.task)
+            self._receive_verified(
+                lambda: self._verify_unsigned(message.task), message.task.id
+            )
+        elif kind == "signed_task":
+            self._receive_verified(lambda: self._verify_signed(message.signed_task), "")
         elif kind == "cancel":
             self.dispatcher.cancel(message.cancel.task_id, message.cancel.reason)
         elif kind == "result_ack":
@@ -428,6 +435,84 @@ class AgentSession:
             )
         elif kind in ("heartbeat", "welcome"):
             pass
+
+    def _verify_unsigned(self, task):
+        if self.security is None:
+            return task
+        return self.security.verifier.check_unsigned(task)
+
+    def _verify_signed(self, signed):
+        if self.security is None:
+            raise SignatureError(
+                "received a signed task, but this agent has no signing keys configured",
+                task_id="",
+            )
+        return self.security.verifier.verify(signed)
+
+    def _receive_verified(self, verify, claimed_task_id: str) -> None:
+        """Hand a task to the dispatcher once its signature checks out; reject
+        it, before any Docker call, when it does not."""
+        try:
+            task = verify()
+        except ReplayedTaskError as exc:
+            # A task id seen before: the dispatcher answers it from the journal
+            # without running it again.
+            self.dispatcher.receive(exc.task)
+            return
+        except TaskError as exc:
+            task_id = getattr(exc, "task_id", "") or claimed_task_id or "(unknown)"
+            logger.warning("task %s failed verification: %s", task_id, exc.message)
+            if self.security is not None:
+                self.security.record(
+                    ACTION_SIGNATURE_INVALID,
+                    task_id=task_id,
+                    outcome="rejected",
+                    error_type=exc.error_type,
+                    reason=exc.message,
+                )
+            self.send_event(
+                gateway_pb2.ConnectRequest(
+                    task_rejected=gateway_pb2.TaskRejected(
+                        task_id=task_id,
+                        error_type=exc.error_type,
+                        error=exc.message,
+                        retriable=exc.retriable,
+                    )
+                )
+            )
+            self.send_event(
+                gateway_pb2.ConnectRequest(
+                    task_result=result_pb2.TaskResult(
+                        task_id=task_id,
+                        success=False,
+                        error=exc.message,
+                        error_type=exc.error_type,
+                        retriable=exc.retriable,
+                    )
+                )
+            )
+            return
+        self.dispatcher.receive(task)
+
+    def send_audit_record(self, line: str) -> None:
+        """Forward an audit record to the orchestrator; safe from any thread.
+
+        NOTE: records written while no stream is open are only in the local
+        audit log; the protocol has no acknowledgement for audit records.
+        """
+
+        def send() -> None:
+            if self._outgoing is not None:
+                self._outgoing.put_nowait(
+                    gateway_pb2.ConnectRequest(
+                        audit_record=gateway_pb2.AuditRecord(json=line)
+                    )
+                )
+
+        if threading.get_ident() == self._loop_thread:
+            send()
+        else:
+            self._loop.call_soon_threadsafe(send)
 
     async def _write_loop(self, call, outgoing: asyncio.Queue) -> None:
         """Send spooled log chunks first, then queued messages, so a result

@@ -108,6 +108,12 @@ def task_from_dict(data: dict[str, Any]) -> task_pb2.AgentTask:
         json_format.ParseDict(data, task)
     except json_format.ParseError as exc:
         raise ConfigError(f"invalid AgentTask: {exc}") from None
+    except SystemError:
+        # protobuf's C extension raises SystemError for a name that is not
+        # valid UTF-8, such as a lone surrogate from a JSON "\ud800" escape.
+        raise ConfigError(
+            "invalid AgentTask: a field name or enum value is not valid UTF-8"
+        ) from None
     return task
 
 

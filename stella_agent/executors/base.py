@@ -71,6 +71,8 @@ class TaskContext:
         self._on_phase = on_phase
         self._on_note = on_note
         self.notes: dict[str, str] = {}
+        self.masker: Any = None
+        """SecretMasker of the task's secrets, applied to its log and result."""
 
     def set_phase(self, phase: str) -> None:
         """Record that the task entered `phase` (pull, stop, create, ...)."""

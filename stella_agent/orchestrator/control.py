@@ -7,7 +7,7 @@ so a stolen agent certificate cannot hand tasks to other agents.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import uuid
 
 import grpc
 
@@ -18,8 +18,6 @@ from stella_agent.tasks import TASK_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
-CredentialSealer = Callable[[str, str, bytes], object]
-
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     """Serves the ControlService to operators."""
@@ -29,12 +27,10 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         state: OrchestratorState,
         operator_identities: frozenset[str],
         credential_sealer=None,
-        task_signer=None,
     ) -> None:
         self.state = state
         self.operator_identities = operator_identities
         self.credential_sealer = credential_sealer
-        self.task_signer = task_signer
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> str:
         identity = peer_identity(context.auth_context())
@@ -80,8 +76,6 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                     "sealed to its key",
                 )
             if not task.id:
-                import uuid
-
                 task.id = str(uuid.uuid4())
             task.credentials.CopyFrom(
                 self.credential_sealer(

@@ -14,9 +14,11 @@ from grpc_reflection.v1alpha import reflection
 
 from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import OPERATOR_IDENTITY, read_tls_files
+from stella_agent.credentials import seal_credentials
 from stella_agent.orchestrator.control import ControlServicer
 from stella_agent.orchestrator.gateway import AgentGatewayServicer
 from stella_agent.orchestrator.state import OrchestratorState
+from stella_agent.signing import TaskSigner
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class OrchestratorConfig:
         default_factory=lambda: frozenset({OPERATOR_IDENTITY})
     )
     heartbeat_interval: float = 10.0
+    signing_key_file: str = ""
+    """Ed25519 private key (PEM) to sign every task with; empty sends tasks
+    unsigned."""
 
 
 class Orchestrator:
@@ -52,7 +57,12 @@ class Orchestrator:
 
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
-        self.state = OrchestratorState()
+        signer = (
+            TaskSigner.from_file(config.signing_key_file)
+            if config.signing_key_file
+            else None
+        )
+        self.state = OrchestratorState(signer)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -72,7 +82,12 @@ class Orchestrator:
             AgentGatewayServicer(self.state, self.config.heartbeat_interval), server
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(
-            ControlServicer(self.state, self.config.operator_identities), server
+            ControlServicer(
+                self.state,
+                self.config.operator_identities,
+                credential_sealer=seal_credentials,
+            ),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

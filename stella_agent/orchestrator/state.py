@@ -23,6 +23,10 @@ ACCEPTED = "accepted"
 REJECTED = "rejected"
 FINISHED = "finished"
 
+SIGNED_TASK_LIFETIME_SECONDS = 3600
+"""expires_at given to signed tasks that set none; agents reject signed tasks
+without an expiry."""
+
 
 def _now() -> Timestamp:
     stamp = Timestamp()
@@ -42,6 +46,7 @@ class TaskRecord:
     next_log_sequence: int = 1
     result: result_pb2.TaskResult | None = None
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    signed: gateway_pb2.SignedTask | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -88,7 +93,9 @@ class AgentConnection:
 class OrchestratorState:
     """Tasks and connected agents of one orchestrator process."""
 
-    def __init__(self) -> None:
+    def __init__(self, signer=None) -> None:
+        self.signer = signer
+        """TaskSigner that signs every task sent, or None to send them unsigned."""
         self.tasks: dict[str, TaskRecord] = {}
         self.agents: dict[str, AgentConnection] = {}
         self.audit_records: list[tuple[str, str]] = []
@@ -104,6 +111,14 @@ class OrchestratorState:
             task.assigned_at.CopyFrom(_now())
         _fill_artifact_digests(task, artifacts)
         record = TaskRecord(task.id, agent_id, task, artifacts=dict(artifacts))
+        if self.signer is not None:
+            # A signed task binds its agent and must expire.
+            task.agent_id = agent_id
+            if not task.HasField("expires_at"):
+                task.expires_at.FromSeconds(
+                    task.assigned_at.seconds + SIGNED_TASK_LIFETIME_SECONDS
+                )
+            record.signed = self.signer.sign(task)
         self.tasks[task.id] = record
         connection = self.agents.get(agent_id)
         if connection is not None:
@@ -149,7 +164,11 @@ class OrchestratorState:
 
     def _send_task(self, connection: AgentConnection, record: TaskRecord) -> None:
         assert record.task is not None
-        connection.outgoing.put_nowait(gateway_pb2.ConnectResponse(task=record.task))
+        if record.signed is not None:
+            message = gateway_pb2.ConnectResponse(signed_task=record.signed)
+        else:
+            message = gateway_pb2.ConnectResponse(task=record.task)
+        connection.outgoing.put_nowait(message)
         if record.status == QUEUED:
             record.status = SENT
 

@@ -232,12 +232,6 @@ def test_deploy_dict_builds_or_config_error(data):
         validate_task(task_from_dict(data))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SystemError,
-    reason="protobuf's ParseDict raises SystemError for a lone surrogate in a "
-    "field or enum name, and task_from_dict does not map it to ConfigError",
-)
 @pytest.mark.parametrize("data", [{"\ud800": None}, {"type": "\ud800"}])
 def test_task_from_dict_surrogate_name_is_config_error(data):
     # A JSON task file can contain "\ud800", which json.loads turns into a
