@@ -9,6 +9,8 @@
 #   crash:v1        exits with status 3 one second after it starts
 #   worker:v1       no HEALTHCHECK, sleeps forever
 #   tools:v1        plain busybox, for hooks and one-shot jobs
+#   private:v1      like web:v1 with its own digest, pushed only to the registry
+#                   that requires a login, and not kept in the engine's cache
 set -euo pipefail
 
 STATE="${STELLA_DEV_STATE:-/var/lib/stella-dev}"
@@ -58,8 +60,13 @@ web broken "exit 1" | build broken:v1
 { base; echo 'CMD ["/bin/sleep", "2147483647"]'; } | build worker:v1
 { base; echo 'CMD ["/bin/sh"]'; } | build tools:v1
 
-# The registry that requires a login gets its own copy of web:v1.
+# The registry that requires a login gets its own copy of web:v1, and an
+# image no other registry has.
 docker tag "$REGISTRY/stella-test/web:v1" "$AUTH_REGISTRY/stella-test/web:v1"
+{ web private "wget -q -O- http://127.0.0.1:8080/ >/dev/null"; echo 'LABEL stella-test.private="1"'; } \
+    | build private:v1
+docker tag "$REGISTRY/stella-test/private:v1" "$AUTH_REGISTRY/stella-test/private:v1"
+docker rmi "$REGISTRY/stella-test/private:v1" >/dev/null
 echo stella-dev-password | docker login -u stella-dev --password-stdin "$AUTH_REGISTRY" >/dev/null 2>&1
 
 push() {
@@ -80,13 +87,16 @@ push() {
             "$name" "$REGISTRY/stella-test/${name%%:*}" "$digest"
     done
     digest="$(push "$AUTH_REGISTRY/stella-test/web:v1")"
-    printf '  "auth/web:v1": {"repository": "%s", "digest": "%s"}\n' \
+    printf '  "auth/web:v1": {"repository": "%s", "digest": "%s"},\n' \
         "$AUTH_REGISTRY/stella-test/web" "$digest"
+    digest="$(push "$AUTH_REGISTRY/stella-test/private:v1")"
+    printf '  "auth/private:v1": {"repository": "%s", "digest": "%s"}\n' \
+        "$AUTH_REGISTRY/stella-test/private" "$digest"
     echo "}"
 } >"$STATE/test-images.json.tmp"
 
 # Log out again so that no test can pass on stored credentials by accident.
 docker logout "$AUTH_REGISTRY" >/dev/null 2>&1
-docker rmi "$AUTH_REGISTRY/stella-test/web:v1" >/dev/null
+docker rmi "$AUTH_REGISTRY/stella-test/web:v1" "$AUTH_REGISTRY/stella-test/private:v1" >/dev/null
 mv "$STATE/test-images.json.tmp" "$STATE/test-images.json"
 echo "[build-test-images] digests in $STATE/test-images.json" >&2
