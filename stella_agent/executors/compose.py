@@ -22,7 +22,8 @@ switch, so the release it replaces becomes the new backup.
 The task's ``DeployConfig.environment`` becomes the environment of the Compose
 commands. Services receive a value byte for byte through a bare key
 (``environment: [NAME]``) or ``${NAME}`` in the lock file, which the agent
-writes verbatim; a literal ``$`` in the lock file itself is written ``$$``.
+writes verbatim. A literal ``$`` in the lock file itself is written ``$$``,
+because Compose interpolates the file.
 """
 
 from __future__ import annotations
@@ -263,6 +264,8 @@ class ComposeExecutor:
         context = steps.context
         context.set_phase("up")
         notes: list[str] = []
+        # NOTE: a disk error inside promote can leave the live files half
+        # switched; nothing running has changed then, but no restore runs.
         switch = await disk(promote, steps.paths, source, notes)
         for note in notes:
             context.log.info("%s", note)
@@ -327,6 +330,12 @@ class ComposeExecutor:
             else:
                 detail = repr(recovery_error)
             context.log.info("restoring the previous release failed: %s", detail)
+            logger.error(
+                "task %s: restoring the previous release of stack %s failed: %s",
+                context.task.id,
+                steps.stack_name,
+                detail,
+            )
             if isinstance(failure, TaskError):
                 raise RollbackFailedError(
                     f"{failure.message}; restoring the previous release failed "

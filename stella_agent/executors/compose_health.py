@@ -9,7 +9,7 @@ container of every service is judged from its inspected state:
 - any other service must stay running, never restarted, for the settle period.
 
 A restart, an exit, a dead container or an unhealthy report fails the stack at
-once; otherwise the wait ends when every service passes in the same poll, or
+once. Otherwise the wait ends when every service passes in the same poll, or
 fails when the timeout passes. ``up --force-recreate`` creates every container
 afresh, so any restart count above zero means a restart since the deploy.
 """
@@ -190,6 +190,8 @@ async def wait_for_health(
                 f"the stack is not healthy: {summary}", phase="health"
             )
         if now - started >= timeout:
+            # When the task deadline capped `timeout`, report the task timeout.
+            checkpoint()
             raise HealthCheckFailedError(
                 f"the stack did not become healthy within {timeout:.0f} s: {summary}",
                 phase="health",

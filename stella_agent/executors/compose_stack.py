@@ -67,7 +67,7 @@ def validate_stack_name(stack_name: str) -> str:
         )
     if any(not char.isprintable() for char in stack_name):
         raise InvalidTaskError(
-            f"stack_name {stack_name[:100]!r} contains control characters"
+            f"stack_name {stack_name[:100]!r} contains a non-printable character"
         )
     return stack_name
 
@@ -131,7 +131,7 @@ class ReleaseFile:
 
 @dataclass
 class ReleaseRecord:
-    """What the agent remembers about a release it deployed."""
+    """A release that the agent deployed, as stored in release.json."""
 
     stack_name: str
     project_name: str
@@ -295,7 +295,7 @@ def write_snapshot(
 
 @dataclass
 class Switch:
-    """What ``promote`` changed, so that ``restore`` can undo it."""
+    """The change made by ``promote``, which ``restore`` undoes."""
 
     previous: ReleaseRecord | None
     """The release that was live before, now in the backup; None when the

@@ -61,8 +61,8 @@ def split_pinned_image(image: str) -> tuple[str, str] | None:
     """Split ``repository[:tag]@sha256:...`` into repository and digest.
 
     Returns None when the image is not pinned by a sha256 digest. A tag
-    beside the digest is dropped, because Docker resolves such a reference by
-    the digest alone.
+    beside the digest is dropped, because the digest alone identifies the
+    image.
     """
     match = PINNED_IMAGE_PATTERN.match(image)
     if match is None:
@@ -76,8 +76,8 @@ def split_pinned_image(image: str) -> tuple[str, str] | None:
 
 
 def normalize_repository(repository: str) -> str:
-    """Return the fully qualified form of a repository, as the registry knows it
-    (``nginx`` becomes ``docker.io/library/nginx``)."""
+    """Return the fully qualified form of a repository (``nginx`` becomes
+    ``docker.io/library/nginx``)."""
     first, separator, rest = repository.partition("/")
     has_registry = separator and ("." in first or ":" in first or first == "localhost")
     if not has_registry:
@@ -222,11 +222,14 @@ def ensure_image(
 
 def check_repo_digests(attrs: Mapping[str, Any], plan: ServicePlan) -> None:
     """Raise unless the image's RepoDigests contain the plan's repository@digest."""
-    wanted = normalize_repository(plan.repository)
+    expected_repository = normalize_repository(plan.repository)
     recorded = attrs.get("RepoDigests") or []
     for entry in recorded:
         repository, _, digest = entry.partition("@")
-        if digest == plan.digest and normalize_repository(repository) == wanted:
+        if (
+            digest == plan.digest
+            and normalize_repository(repository) == expected_repository
+        ):
             return
     raise DigestMismatchError(
         f"image of service {plan.name!r} does not carry the digest {plan.digest} "

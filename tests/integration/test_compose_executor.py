@@ -19,12 +19,14 @@ from pathlib import Path
 import docker
 import pytest
 import yaml
+from google.protobuf.duration_pb2 import Duration
 
 from stella.agent.v1 import task_pb2
 from stella_agent.config import config_from_mapping
 from stella_agent.executors.compose import ComposeExecutor
 from stella_agent.executors.compose_stack import project_name_for
 from stella_agent.runner import TaskRunner
+from tests.conftest import TEST_LABEL, TEST_RUN
 
 pytestmark = [pytest.mark.docker, pytest.mark.compose]
 
@@ -48,6 +50,7 @@ class Stacks:
 
     def __init__(self, tmp_path: Path, images, compose_command: list[str]) -> None:
         self.state_dir = tmp_path / "state"
+        self.srv = tmp_path / "srv"
         self.images = images
         self.compose_command = compose_command
         self.projects: set[str] = set()
@@ -55,7 +58,11 @@ class Stacks:
             {
                 "agent_id": "t",
                 "state_dir": str(self.state_dir),
-                "tasks": {"health_timeout_seconds": 30, "settle_seconds": 2},
+                "tasks": {
+                    "health_timeout_seconds": 30,
+                    "settle_seconds": 2,
+                    "allowed_deployment_roots": [str(tmp_path / "srv")],
+                },
                 "docker": {"stop_timeout_seconds": 1},
             }
         )
@@ -71,11 +78,13 @@ class Stacks:
 
     def lock(self, services: dict) -> str:
         for spec in services.values():
-            spec.setdefault("labels", {})["stella-test"] = "1"
+            spec.setdefault("labels", {})[TEST_LABEL] = TEST_RUN
+            # Compose 2.40.3 stops orphans with this grace period, not up --timeout.
+            spec.setdefault("stop_grace_period", "1s")
         return yaml.safe_dump({"services": services}, sort_keys=True)
 
     def web_stack(
-        self, port: int, web: str = "web:v1", **web_extra
+        self, port: int, web: str = "web:v1", worker_extra: dict | None = None
     ) -> tuple[str, dict[str, str]]:
         """Return the lock file and expected digests of the standard stack."""
         services = {
@@ -85,9 +94,8 @@ class Stacks:
                 "depends_on": {
                     "migrate": {"condition": "service_completed_successfully"}
                 },
-                **web_extra,
             },
-            "worker": {"image": self.image("worker:v1")},
+            "worker": {"image": self.image("worker:v1"), **(worker_extra or {})},
             "migrate": {
                 "image": self.image("tools:v1"),
                 "restart": "no",
@@ -110,6 +118,9 @@ class Stacks:
         release_id: str = "r1",
         environment: dict[str, str] | None = None,
         configs: list[task_pb2.ArtifactReference] = (),
+        deployment_directory: str = "",
+        health_check: task_pb2.HealthCheckConfig | None = None,
+        timeout_seconds: int = 0,
     ) -> task_pb2.AgentTask:
         content = lock.encode()
         artifacts = [
@@ -127,13 +138,18 @@ class Stacks:
             release_id=release_id,
             release_name=f"release {release_id}",
             environment=environment or {},
+            deployment_directory=deployment_directory,
+            health_check=health_check,
         )
-        return task_pb2.AgentTask(
+        task = task_pb2.AgentTask(
             id=f"task-{uuid.uuid4().hex[:8]}",
             executor=task_pb2.EXECUTOR_COMPOSE,
             type=task_pb2.TASK_TYPE_DEPLOY,
             deploy=task_pb2.DeployPayload(config=config, artifacts=artifacts),
         )
+        if timeout_seconds:
+            task.timeout.seconds = timeout_seconds
+        return task
 
     def rollback_task(self, stack_name: str) -> task_pb2.AgentTask:
         return task_pb2.AgentTask(
@@ -201,7 +217,8 @@ def containers_of(client, project: str) -> dict[str, list]:
 def test_compose_first_deploy(stacks, docker_client):
     name = new_stack_name()
     port = free_port()
-    lock, expected = stacks.web_stack(port)
+    mount = {"volumes": ["./config/app.env:/config/app.env:ro"]}
+    lock, expected = stacks.web_stack(port, worker_extra=mount)
     secret = b"password=s3cret\n"
     config_file = task_pb2.ArtifactReference(
         name="config/app.env",
@@ -224,6 +241,8 @@ def test_compose_first_deploy(stacks, docker_client):
     directory = stacks.stack_directory(name)
     assert (directory / "compose.stella.lock.yml").read_text() == lock
     assert (directory / "config" / "app.env").stat().st_mode & 0o777 == 0o600
+    (worker,) = containers_of(docker_client, name)["worker"]
+    assert worker.exec_run(["cat", "/config/app.env"]).output == secret
     sticker = json.loads((directory / "version.json").read_text())
     assert sticker["project_name"] == name
     assert sticker["release_id"] == "r1"
@@ -470,3 +489,47 @@ def test_compose_project_name_conflict_rejected(stacks, docker_client):
         c.id for group in containers_of(docker_client, name).values() for c in group
     }
     assert after == before
+
+
+def test_compose_task_timeout_restores_previous(stacks, docker_client):
+    name = new_stack_name()
+    port = free_port()
+    lock_v1, expected_v1 = stacks.web_stack(port)
+    lock_v2, expected_v2 = stacks.web_stack(port, web="web:v2")
+    assert succeeded(stacks.run(stacks.deploy_task(name, lock_v1, expected_v1)))
+    never_settles = task_pb2.HealthCheckConfig(settle_period=Duration(seconds=600))
+    task = stacks.deploy_task(
+        name,
+        lock_v2,
+        expected_v2,
+        release_id="r2",
+        health_check=never_settles,
+        timeout_seconds=6,
+    )
+
+    result = stacks.run(task)
+
+    assert not result.success
+    assert result.error_type == "timeout"
+    assert result.failed_phase == "health"
+    assert result.rolled_back
+    assert "(r1) was restored" in result.error
+    assert http_get(port) == "v1"
+
+
+def test_compose_custom_deployment_directory(stacks, docker_client):
+    name = new_stack_name()
+    directory = stacks.srv / name
+    lock = stacks.lock({"worker": {"image": stacks.image("worker:v1")}})
+    expected = {"worker": stacks.digest("worker:v1")}
+    task = stacks.deploy_task(name, lock, expected, deployment_directory=str(directory))
+
+    result = stacks.run(task)
+
+    assert succeeded(result)
+    assert result.outputs["deployment_directory"] == str(directory.resolve())
+    assert (directory / "compose.stella.lock.yml").read_text() == lock
+    assert not stacks.stack_directory(name).exists()
+    (worker,) = containers_of(docker_client, name)["worker"]
+    working_dir = worker.labels["com.docker.compose.project.working_dir"]
+    assert working_dir == str(directory.resolve())

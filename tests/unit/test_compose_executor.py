@@ -9,8 +9,8 @@ import pytest
 
 from stella.agent.v1 import task_pb2
 from stella_agent.config import config_from_mapping
-from stella_agent.executors.compose import ComposeExecutor, validate_environment
 from stella_agent.errors import InvalidTaskError
+from stella_agent.executors.compose import ComposeExecutor, validate_environment
 from stella_agent.runner import TaskRunner
 
 DIGEST = "sha256:" + "1" * 64
@@ -43,7 +43,10 @@ def deploy_task(**changes) -> task_pb2.AgentTask:
         else:
             setattr(payload.config, key, value)
     return task_pb2.AgentTask(
-        id="task-1", executor=task_pb2.EXECUTOR_COMPOSE, type=task_pb2.TASK_TYPE_DEPLOY, deploy=payload
+        id="task-1",
+        executor=task_pb2.EXECUTOR_COMPOSE,
+        type=task_pb2.TASK_TYPE_DEPLOY,
+        deploy=payload,
     )
 
 
@@ -81,7 +84,9 @@ def test_rollback_to_target_digest_unsupported(tmp_path):
         id="task-1",
         executor=task_pb2.EXECUTOR_COMPOSE,
         type=task_pb2.TASK_TYPE_ROLLBACK,
-        rollback=task_pb2.RollbackPayload(stack_name="shop", target_digest=DIGEST, image="web"),
+        rollback=task_pb2.RollbackPayload(
+            stack_name="shop", target_digest=DIGEST, image="web"
+        ),
     )
 
     result = run(task, tmp_path)
@@ -96,11 +101,33 @@ def test_rollback_to_target_digest_unsupported(tmp_path):
         ({"stack_name": "---"}, "no letter or digit"),
         ({"expected_digests": {}}, "expected_digests is required"),
         ({"artifacts": []}, "exactly one artifact of type compose_lock"),
-        ({"artifacts": [lock_reference(), lock_reference(name="b.yml")]}, "exactly one"),
-        ({"artifacts": [lock_reference(), lock_reference(name="version.json", type="config")]}, "reserved"),
-        ({"artifacts": [lock_reference(), lock_reference(name=".stella/x", type="config")]}, "reserved"),
+        (
+            {"artifacts": [lock_reference(), lock_reference(name="b.yml")]},
+            "exactly one",
+        ),
+        (
+            {
+                "artifacts": [
+                    lock_reference(),
+                    lock_reference(name="version.json", type="config"),
+                ]
+            },
+            "reserved",
+        ),
+        (
+            {
+                "artifacts": [
+                    lock_reference(),
+                    lock_reference(name=".stella/x", type="config"),
+                ]
+            },
+            "reserved",
+        ),
         ({"artifacts": [lock_reference(name="../compose.yml")]}, "'..'"),
-        ({"environment": {"DOCKER_HOST": "tcp://elsewhere"}}, "reserved for running Docker Compose"),
+        (
+            {"environment": {"DOCKER_HOST": "tcp://elsewhere"}},
+            "reserved for running Docker Compose",
+        ),
         ({"deployment_directory": "/etc"}, "not inside an allowed root"),
     ],
 )

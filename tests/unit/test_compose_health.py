@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from stella_agent.errors import HealthCheckFailedError, TaskCancelledError
+from stella_agent.errors import (
+    HealthCheckFailedError,
+    TaskCancelledError,
+    TaskTimeoutError,
+)
 from stella_agent.executors import compose_health
 from stella_agent.executors.compose_health import (
     ContainerState,
@@ -19,14 +24,27 @@ from stella_agent.executors.compose_verify import ServicePlan
 from stella_agent.logstream import TaskLog
 
 
-def state(status="running", *, exit_code=0, restarts=0, health=None, name="shop-web-1") -> ContainerState:
+def state(
+    status="running", *, exit_code=0, restarts=0, health=None, name="shop-web-1"
+) -> ContainerState:
     return ContainerState(
-        id=name, name=name, status=status, exit_code=exit_code, restart_count=restarts, health=health
+        id=name,
+        name=name,
+        status=status,
+        exit_code=exit_code,
+        restart_count=restarts,
+        health=health,
     )
 
 
 def plan(name="web", *, one_shot=False, replicas=1) -> ServicePlan:
-    return ServicePlan(name, "127.0.0.1:5000/web", "sha256:" + "1" * 64, one_shot=one_shot, replicas=replicas)
+    return ServicePlan(
+        name,
+        "127.0.0.1:5000/web",
+        "sha256:" + "1" * 64,
+        one_shot=one_shot,
+        replicas=replicas,
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,7 +75,9 @@ def test_judge_container(one_shot, container, running_for, text, passed, failed)
 
 
 def test_judge_service_waits_for_all_replicas():
-    verdict = judge_service(plan(replicas=2), [state(health="healthy")], {}, now=10.0, settle_seconds=2.0)
+    verdict = judge_service(
+        plan(replicas=2), [state(health="healthy")], {}, now=10.0, settle_seconds=2.0
+    )
 
     assert verdict.text == "missing (1 of 2 containers)"
     assert not verdict.passed
@@ -65,7 +85,10 @@ def test_judge_service_waits_for_all_replicas():
 
 
 def test_judge_service_names_failing_replica():
-    states = [state(health="healthy", name="shop-web-1"), state(health="unhealthy", name="shop-web-2")]
+    states = [
+        state(health="healthy", name="shop-web-1"),
+        state(health="unhealthy", name="shop-web-2"),
+    ]
 
     verdict = judge_service(plan(replicas=2), states, {}, now=10.0, settle_seconds=2.0)
 
@@ -77,7 +100,9 @@ def test_judge_service_passes_when_every_replica_passes():
     states = [state(name="shop-web-1"), state(name="shop-web-2")]
     since = {"shop-web-1": 0.0, "shop-web-2": 0.0}
 
-    verdict = judge_service(plan(replicas=2), states, since, now=5.0, settle_seconds=2.0)
+    verdict = judge_service(
+        plan(replicas=2), states, since, now=5.0, settle_seconds=2.0
+    )
 
     assert verdict.text == "running"
     assert verdict.passed
@@ -95,7 +120,9 @@ def test_container_state_from_inspect():
         "State": {"Status": "running", "ExitCode": 0, "Health": {"Status": "healthy"}},
     }
 
-    assert container_state(attrs) == ContainerState("abc", "shop-web-1", "running", 0, 2, "healthy")
+    assert container_state(attrs) == ContainerState(
+        "abc", "shop-web-1", "running", 0, 2, "healthy"
+    )
 
 
 def test_container_state_without_health_check():
@@ -116,7 +143,14 @@ def run_wait(plans, sequence, *, timeout=5.0, settle=0.0, checkpoint=lambda: Non
         return last
 
     return asyncio.run(
-        wait_for_health(plans, read_states, timeout=timeout, settle_seconds=settle, log=TaskLog("t"), checkpoint=checkpoint)
+        wait_for_health(
+            plans,
+            read_states,
+            timeout=timeout,
+            settle_seconds=settle,
+            log=TaskLog("t"),
+            checkpoint=checkpoint,
+        )
     )
 
 
@@ -139,7 +173,12 @@ def test_wait_returns_verdicts_when_all_pass():
 
 def test_wait_fails_fast_on_crash():
     plans = {"web": plan(), "worker": plan("worker")}
-    sequence = [{"web": [state(health="starting")], "worker": [state("exited", exit_code=3, name="w")]}]
+    sequence = [
+        {
+            "web": [state(health="starting")],
+            "worker": [state("exited", exit_code=3, name="w")],
+        }
+    ]
 
     with pytest.raises(HealthCheckFailedError) as raised:
         run_wait(plans, sequence, timeout=60.0)
@@ -150,7 +189,9 @@ def test_wait_fails_fast_on_crash():
 
 
 def test_wait_times_out_with_verdicts():
-    with pytest.raises(HealthCheckFailedError, match="within 0 s: web: health starting"):
+    with pytest.raises(
+        HealthCheckFailedError, match="within 0 s: web: health starting"
+    ):
         run_wait({"web": plan()}, [{"web": [state(health="starting")]}], timeout=0.05)
 
 
@@ -167,4 +208,22 @@ def test_wait_runs_checkpoint_each_poll():
         raise TaskCancelledError("cancelled")
 
     with pytest.raises(TaskCancelledError):
-        run_wait({"web": plan()}, [{"web": [state(health="starting")]}], checkpoint=cancelled)
+        run_wait(
+            {"web": plan()}, [{"web": [state(health="starting")]}], checkpoint=cancelled
+        )
+
+
+def test_wait_reports_task_deadline_as_timeout():
+    deadline = time.monotonic() + 0.05
+
+    def checkpoint():
+        if time.monotonic() >= deadline:
+            raise TaskTimeoutError("task timed out during health")
+
+    with pytest.raises(TaskTimeoutError):
+        run_wait(
+            {"web": plan()},
+            [{"web": [state(health="starting")]}],
+            timeout=0.05,
+            checkpoint=checkpoint,
+        )

@@ -25,7 +25,9 @@ def run_shell(script: str, log: TaskLog | None = None, **options):
     runner = ComposeRunner()
     options.setdefault("timeout", 30.0)
     return asyncio.run(
-        runner.run(["sh", "-c"], [script], cwd="/", environment=ENVIRONMENT, log=log, **options)
+        runner.run(
+            ["sh", "-c"], [script], cwd="/", environment=ENVIRONMENT, log=log, **options
+        )
     )
 
 
@@ -106,7 +108,14 @@ def test_missing_program_raises_compose_error():
 
     with pytest.raises(ComposeError, match="cannot start"):
         asyncio.run(
-            runner.run(["/nonexistent/compose"], [], cwd="/", environment=ENVIRONMENT, log=None, timeout=5)
+            runner.run(
+                ["/nonexistent/compose"],
+                [],
+                cwd="/",
+                environment=ENVIRONMENT,
+                log=None,
+                timeout=5,
+            )
         )
 
 
@@ -169,7 +178,9 @@ def test_compose_environment_filters_agent_environment():
         "AWS_SECRET_ACCESS_KEY": "agent secret",
     }
 
-    environment = compose_environment(agent, "unix:///run/docker.sock", {"TOKEN": "a$b"})
+    environment = compose_environment(
+        agent, "unix:///run/docker.sock", {"TOKEN": "a$b"}
+    )
 
     assert environment == {
         "PATH": "/bin",
@@ -182,7 +193,13 @@ def test_compose_environment_filters_agent_environment():
 
 @pytest.mark.parametrize(
     ("name", "reserved"),
-    [("PATH", True), ("HOME", True), ("DOCKER_HOST", True), ("COMPOSE_FILE", True), ("APP_TOKEN", False)],
+    [
+        ("PATH", True),
+        ("HOME", True),
+        ("DOCKER_HOST", True),
+        ("COMPOSE_FILE", True),
+        ("APP_TOKEN", False),
+    ],
 )
 def test_reserved_variables(name, reserved):
     assert reserved_variable(name) is reserved

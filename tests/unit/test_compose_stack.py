@@ -55,7 +55,14 @@ def test_project_name_rejects_unusable(stack_name):
 def test_project_name_is_valid_for_compose():
     import re
 
-    for stack_name in ["A", "z-9", "Mixed_Case-Name", "1.2.3", "ünïcode-stack", "x" * 70 + "!"]:
+    for stack_name in [
+        "A",
+        "z-9",
+        "Mixed_Case-Name",
+        "1.2.3",
+        "ünïcode-stack",
+        "x" * 70 + "!",
+    ]:
         assert re.match(r"^[a-z0-9][a-z0-9_-]*$", project_name_for(stack_name))
 
 
@@ -87,7 +94,10 @@ def test_stack_directory_under_allowed_root(tmp_path):
     assert directory == (root / "shop").resolve()
 
 
-@pytest.mark.parametrize("requested", ["relative/shop", "/etc/shop", "{root}", "{root}/../escape", "{root}2/shop"])
+@pytest.mark.parametrize(
+    "requested",
+    ["relative/shop", "/etc/shop", "{root}", "{root}/../escape", "{root}2/shop"],
+)
 def test_stack_directory_outside_roots_rejected(tmp_path, requested):
     root = tmp_path / "srv"
     root.mkdir()
@@ -145,7 +155,9 @@ def test_stack_lock_is_exclusive(tmp_path):
     second.release()
 
 
-def release(release_id: str, files: dict[str, bytes]) -> tuple[list[tuple[str, bytes, int]], ReleaseRecord]:
+def release(
+    release_id: str, files: dict[str, bytes]
+) -> tuple[list[tuple[str, bytes, int]], ReleaseRecord]:
     record = ReleaseRecord(
         stack_name="shop",
         project_name="shop",

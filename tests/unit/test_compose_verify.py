@@ -69,7 +69,9 @@ def test_verify_model_accepts_pinned_stack():
 
     plans = verify_model(resolved, {"web": WEB, "worker": WORKER})
 
-    assert plans["web"] == ServicePlan("web", f"{REGISTRY}/web", WEB, one_shot=False, replicas=1)
+    assert plans["web"] == ServicePlan(
+        "web", f"{REGISTRY}/web", WEB, one_shot=False, replicas=1
+    )
     assert plans["worker"].pull_reference == f"{REGISTRY}/worker@{WORKER}"
 
 
@@ -100,7 +102,10 @@ def test_verify_model_rejects_unexpected_service():
 def test_verify_model_rejects_missing_service():
     resolved = model(web=pinned("web", WEB))
 
-    with pytest.raises(InvalidTaskError, match="'worker' is in expected_digests but not in the lock file"):
+    with pytest.raises(
+        InvalidTaskError,
+        match="'worker' is in expected_digests but not in the lock file",
+    ):
         verify_model(resolved, {"web": WEB, "worker": WORKER})
 
 
@@ -139,7 +144,10 @@ def test_verify_model_detects_one_shot_services():
             "web",
             WEB,
             depends_on={
-                "migrate": {"condition": "service_completed_successfully", "required": True},
+                "migrate": {
+                    "condition": "service_completed_successfully",
+                    "required": True,
+                },
                 "cache": {"condition": "service_started"},
             },
         ),
@@ -148,7 +156,13 @@ def test_verify_model_detects_one_shot_services():
         job=pinned("worker", WORKER, restart="no"),
         daemon=pinned("worker", WORKER, restart="always"),
     )
-    expected = {"web": WEB, "migrate": WORKER, "cache": WORKER, "job": WORKER, "daemon": WORKER}
+    expected = {
+        "web": WEB,
+        "migrate": WORKER,
+        "cache": WORKER,
+        "job": WORKER,
+        "daemon": WORKER,
+    }
 
     plans = verify_model(resolved, expected)
 
@@ -157,7 +171,12 @@ def test_verify_model_detects_one_shot_services():
 
 @pytest.mark.parametrize(
     ("extra", "replicas"),
-    [({}, 1), ({"deploy": {"replicas": 3}}, 3), ({"scale": 2}, 2), ({"deploy": {"replicas": 0}}, 0)],
+    [
+        ({}, 1),
+        ({"deploy": {"replicas": 3}}, 3),
+        ({"scale": 2}, 2),
+        ({"deploy": {"replicas": 0}}, 0),
+    ],
 )
 def test_verify_model_reads_replicas(extra, replicas):
     plans = verify_model(model(web=pinned("web", WEB, **extra)), {"web": WEB})
@@ -176,7 +195,9 @@ def test_expected_digests_must_be_valid():
 
 
 def test_repo_digests_match_normalized_name():
-    plan = ServicePlan("web", "docker.io/library/nginx", WEB, one_shot=False, replicas=1)
+    plan = ServicePlan(
+        "web", "docker.io/library/nginx", WEB, one_shot=False, replicas=1
+    )
 
     check_repo_digests({"RepoDigests": [f"nginx@{WEB}"]}, plan)
 
@@ -185,7 +206,10 @@ def test_repo_digests_mismatch_raises():
     plan = ServicePlan("web", f"{REGISTRY}/web", WEB, one_shot=False, replicas=1)
 
     with pytest.raises(DigestMismatchError, match="possible tampering"):
-        check_repo_digests({"RepoDigests": [f"{REGISTRY}/web@{OTHER}", f"{REGISTRY}/other@{WEB}"]}, plan)
+        check_repo_digests(
+            {"RepoDigests": [f"{REGISTRY}/web@{OTHER}", f"{REGISTRY}/other@{WEB}"]},
+            plan,
+        )
 
 
 def test_repo_digests_missing_raises():
