@@ -203,3 +203,33 @@ def test_compose_environment_filters_agent_environment():
 )
 def test_reserved_variables(name, reserved):
     assert reserved_variable(name) is reserved
+
+
+def test_asyncio_cancellation_kills_command(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    runner = ComposeRunner()
+
+    async def cancel_while_running() -> None:
+        command = asyncio.create_task(
+            runner.run(
+                ["sh", "-c"],
+                [f"sleep 60 & echo $! > {pid_file}; wait"],
+                cwd="/",
+                environment=ENVIRONMENT,
+                log=None,
+                timeout=30,
+            )
+        )
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            await asyncio.sleep(0.05)
+        command.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await command
+
+    asyncio.run(cancel_while_running())
+
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while not process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(child)
