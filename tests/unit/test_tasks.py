@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from stella.agent.v1 import task_pb2
 
+from stella.agent.v1 import task_pb2
 from stella_agent.errors import ConfigError, InvalidTaskError
 from stella_agent.tasks import (
     load_task_file,
