@@ -43,6 +43,7 @@ from stella_agent.audit import (
 )
 from stella_agent.errors import InvalidTaskError, TaskError
 from stella_agent.executors.base import TaskContext
+from stella_agent.executors.compose_stack import project_name_for
 from stella_agent.journal import FINISHED, RECEIVED, REJECTED, Journal
 from stella_agent.logstream import ChunkSink
 from stella_agent.masking import SecretMasker
@@ -77,7 +78,11 @@ def target_key(task: task_pb2.AgentTask) -> str:
             payload.config.stack_name if payload_name == "deploy" else ""
         )
         if stack:
-            return f"compose:{stack}"
+            # Stacks whose names map to one Compose project are one target.
+            try:
+                return f"compose:{project_name_for(stack)}"
+            except TaskError:
+                return f"compose:{stack}"
     name = getattr(payload, "container_name", "") or (
         payload.config.container_name if payload_name == "deploy" else ""
     )

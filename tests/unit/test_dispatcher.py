@@ -303,8 +303,16 @@ def test_target_key_distinguishes_executors():
         inspect=task_pb2.InspectPayload(stack_name="shop"),
     )
 
+    same_project = task_pb2.AgentTask(
+        id="c",
+        type=task_pb2.TASK_TYPE_INSPECT,
+        executor=task_pb2.EXECUTOR_COMPOSE,
+        inspect=task_pb2.InspectPayload(stack_name="Shop"),
+    )
+
     assert target_key(docker_task) == "docker:web"
     assert target_key(compose_task) == "compose:shop"
+    assert target_key(same_project) == "compose:shop"
 
 
 def test_journal_records_running_phase(tmp_path):
