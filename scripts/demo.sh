@@ -6,6 +6,8 @@
 #   1. web v1 (pinned by digest, from the loopback registry)
 #   2. upgrade to web v2
 #   3. an image whose health check fails: the agent rolls back to v2
+#   4. a Compose stack (web, worker and a one-shot migration) from a lock file
+#      whose images are pinned by digest, fetched by the agent over mTLS
 #
 # Each result is printed as JSON. The deployed container stays running; the
 # last lines say how to remove it. State and logs go to ./demo-state.
@@ -21,6 +23,8 @@ STATE="${STELLA_DEV_STATE:-/var/lib/stella-dev}"
 AGENT_ID="demo-agent"
 CONTAINER="stella-demo-web"
 WEB_PORT="${STELLA_DEMO_WEB_PORT:-18080}"
+STACK_PORT="${STELLA_DEMO_STACK_PORT:-18081}"
+STACK="stella-demo-shop"
 mkdir -p "$DEMO"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -120,7 +124,45 @@ serving
 deploy broken:v1 r3-broken
 serving
 
+say "deploying the Compose stack $STACK"
+python - "$STATE/test-images.json" "$STACK_PORT" "$DEMO/compose.stella.lock.yml" "$STACK" \
+    >"$DEMO/task-stack.json" <<'EOF'
+import json, sys
+images_file, port, lock_path, stack = sys.argv[1:]
+images = json.load(open(images_file))
+def ref(name):
+    return f"{images[name]['repository']}@{images[name]['digest']}"
+lock = {"services": {
+    "web": {"image": ref("web:v2"), "ports": [f"127.0.0.1:{port}:8080"],
+            "depends_on": {"migrate": {"condition": "service_completed_successfully"}}},
+    "worker": {"image": ref("worker:v1")},
+    "migrate": {"image": ref("tools:v1"), "restart": "no",
+                "command": ["sh", "-c", "echo migrated"]},
+}}
+with open(lock_path, "w") as handle:
+    json.dump(lock, handle, indent=2)
+expected = {"web": "web:v2", "worker": "worker:v1", "migrate": "tools:v1"}
+print(json.dumps({
+    "type": "deploy",
+    "executor": "compose",
+    "deploy": {
+        "config": {
+            "stack_name": stack,
+            "release_id": "shop-1",
+            "expected_digests": {s: images[i]["digest"] for s, i in expected.items()},
+            "health_check": {"timeout": "60s"},
+        },
+        "artifacts": [{"name": "compose.stella.lock.yml", "type": "compose_lock"}],
+    },
+}, indent=2))
+EOF
+stella-agent submit "$DEMO/task-stack.json" --agent "$AGENT_ID" "${OPERATOR[@]}" \
+    --artifact "compose.stella.lock.yml=$DEMO/compose.stella.lock.yml" \
+    | tee "$DEMO/result-stack.json" || true
+say "http://127.0.0.1:$STACK_PORT/ (the stack's web service) serves: $(curl -fsS "http://127.0.0.1:$STACK_PORT/" || echo '(nothing)')"
+
 ok=true
+grep -q '"success": true' "$DEMO/result-stack.json" || ok=false
 grep -q '"success": true' "$DEMO/result-r1.json" || ok=false
 grep -q '"success": true' "$DEMO/result-r2.json" || ok=false
 grep -q '"error_type": "health_check_failed"' "$DEMO/result-r3-broken.json" || ok=false
@@ -129,7 +171,9 @@ grep -q '"rolled_back": true' "$DEMO/result-r3-broken.json" || ok=false
 
 say "done"
 echo "The container $CONTAINER still runs release r2 on http://127.0.0.1:$WEB_PORT/."
-echo "Remove it with: docker rm -f $CONTAINER"
+echo "The Compose project $STACK runs on http://127.0.0.1:$STACK_PORT/."
+echo "Remove both with: docker rm -f $CONTAINER && docker compose -p $STACK \\"
+echo "    -f $DEMO/agent-state/stacks/$STACK/compose.stella.lock.yml down"
 if [ "$ok" != true ]; then
     echo "the demo did not end as expected; see $DEMO/agent.log" >&2
     exit 1
