@@ -47,6 +47,13 @@ LABEL_ROLE = "stella.role"
 LABEL_CONFIG_DIGEST = "stella.config.digest"
 """SHA-256 of the container's settings, so a redeploy of the same digest with
 other settings is not mistaken for a no-op."""
+LABEL_REPLACED_ID = "stella.replaced.id"
+"""Id of the container this one replaced. Labels cannot change after a
+container is created, so what the agent learns about a release when it is set
+aside is recorded on its successor."""
+LABEL_REPLACED_HEALTH = "stella.replaced.health"
+"""Health of the replaced container when it was set aside: healthy, unhealthy
+or starting (see containers.health_when_replaced)."""
 
 RESTART_POLICIES = ("no", "always", "unless-stopped", "on-failure")
 DEFAULT_RESTART_POLICY = "unless-stopped"

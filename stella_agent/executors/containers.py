@@ -17,7 +17,12 @@ import docker.errors
 
 from stella_agent.errors import DockerError
 from stella_agent.executors.base import TaskContext
-from stella_agent.executors.container_spec import LABEL_DIGEST
+from stella_agent.executors.container_spec import (
+    LABEL_DEPLOYED_AT,
+    LABEL_DIGEST,
+    LABEL_REPLACED_HEALTH,
+    LABEL_REPLACED_ID,
+)
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
 from stella_agent.logstream import STDERR, STDOUT
 
@@ -68,6 +73,51 @@ def find_previous(client: Any, name: str) -> list[Any]:
         raise docker_error(exc, f"list previous containers of {name}") from None
     matches = [c for c in candidates if pattern.fullmatch(c.name)]
     return sorted(matches, key=lambda container: container.name, reverse=True)
+
+
+def health_when_replaced(container: Any) -> str:
+    """Return the health of a container that is about to be set aside.
+
+    "healthy" for a running container whose health check passes or that has
+    none, "starting" while its health check has not decided yet, and
+    "unhealthy" for a failing health check or a container that is not running.
+    """
+    if not is_running(container):
+        return "unhealthy"
+    health = container.attrs.get("State", {}).get("Health")
+    if health is None:
+        return "healthy"
+    status = str(health.get("Status") or "")
+    return status if status in ("healthy", "starting") else "unhealthy"
+
+
+def unhealthy_when_replaced(client: Any) -> set[str]:
+    """Return the ids of containers that were unhealthy when a deploy set them
+    aside, as recorded in the stella.replaced.* labels of their successors."""
+    try:
+        successors = client.containers.list(
+            all=True, filters={"label": LABEL_REPLACED_ID}
+        )
+    except DOCKER_EXCEPTIONS as exc:
+        raise docker_error(exc, "list containers that replaced others") from None
+    return {
+        container.labels[LABEL_REPLACED_ID]
+        for container in successors
+        if container.labels.get(LABEL_REPLACED_HEALTH) == "unhealthy"
+    }
+
+
+def releases_newest_first(containers: list[Any]) -> list[Any]:
+    """Sort containers by their stella.deployed.at label, newest first, and by
+    name (whose suffix is the time they were set aside) between equal times."""
+    return sorted(
+        containers,
+        key=lambda container: (
+            (container.labels or {}).get(LABEL_DEPLOYED_AT, ""),
+            container.name,
+        ),
+        reverse=True,
+    )
 
 
 def is_running(container: Any) -> bool:

@@ -36,6 +36,8 @@ from stella_agent.executors.container_spec import (
     LABEL_MANAGED,
     LABEL_RELEASE_ID,
     LABEL_RELEASE_NAME,
+    LABEL_REPLACED_HEALTH,
+    LABEL_REPLACED_ID,
     LABEL_ROLE,
     LABEL_TASK_ID,
     ContainerSpec,
@@ -49,13 +51,21 @@ from stella_agent.executors.containers import (
     describe_container,
     find_container,
     find_previous,
+    health_when_replaced,
     is_running,
+    releases_newest_first,
     remove_container,
     rename_container,
     start_and_verify,
     stop_container,
+    unhealthy_when_replaced,
 )
-from stella_agent.executors.deploy_checks import check_hooks, check_host, is_unchanged
+from stella_agent.executors.deploy_checks import (
+    HOOK_STAGES,
+    check_hooks,
+    check_host,
+    is_unchanged,
+)
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
 from stella_agent.executors.health import wait_until_healthy
 from stella_agent.executors.pull import pull_image
@@ -89,6 +99,8 @@ class DeployFlow:
         self.previous: Any = None
         """The replaced container once it is stopped and renamed aside."""
         self.previous_was_running = False
+        self.previous_health = ""
+        """Health of the replaced container when it was set aside."""
         self.new: Any = None
 
     def run(self) -> Outcome:
@@ -108,6 +120,7 @@ class DeployFlow:
         spec = self.spec = build_container_spec(self.payload, context.config)
         check_host(self.client, spec)
         check_hooks(self.payload, self.hook_runner is not None)
+        self._validate_hooks()
         context.checkpoint()
 
         # Pull and verify the image. A failure here changes nothing running.
@@ -139,6 +152,14 @@ class DeployFlow:
             self._roll_back(spec, exc)
 
         return self._finalize(spec)
+
+    def _validate_hooks(self) -> None:
+        validate = getattr(self.hook_runner, "validate", None)
+        if validate is None:
+            return
+        for stage in HOOK_STAGES:
+            if self.payload.hooks.HasField(stage):
+                validate(self.context, getattr(self.payload.hooks, stage), stage)
 
     def _run_hook(self, stage: str) -> None:
         if not self.payload.hooks.HasField(stage) or self.hook_runner is None:
@@ -173,6 +194,7 @@ class DeployFlow:
                 "container %s was not deployed by Stella; replacing it", spec.name
             )
         previous_name = aside_name(spec.name, PREVIOUS)
+        self.previous_health = health_when_replaced(current)
         # Recovery after an agent crash reads these notes to restore the host.
         context.note(
             container_name=spec.name,
@@ -231,7 +253,14 @@ class DeployFlow:
 
     def _stella_labels(self, spec: ContainerSpec) -> dict[str, str]:
         deployed_at = datetime.now(UTC).isoformat(timespec="seconds")
+        replaced: dict[str, str] = {}
+        if self.previous is not None:
+            replaced = {
+                LABEL_REPLACED_ID: self.previous.id,
+                LABEL_REPLACED_HEALTH: self.previous_health,
+            }
         return {
+            **replaced,
             LABEL_MANAGED: "true",
             LABEL_ROLE: "current",
             LABEL_RELEASE_ID: spec.release_id,
@@ -373,14 +402,31 @@ class DeployFlow:
 
     def _remove_older_previous(self, spec: ContainerSpec, keep: Any) -> None:
         """Remove previous containers older than `keep`; one is enough to roll
-        back to, and older ones would pile up with every deploy."""
+        back to, and older ones would pile up with every deploy.
+
+        When `keep` was unhealthy as it was set aside, the newest older one
+        that was not is kept too, so that a rollback still finds a healthy
+        release.
+        """
         try:
-            candidates = find_previous(self.client, spec.name)
+            candidates = releases_newest_first(find_previous(self.client, spec.name))
+            unhealthy = unhealthy_when_replaced(self.client)
         except TaskError as exc:
             self.context.log.info("could not list older previous containers: %s", exc)
             return
+        kept = {keep.id}
+        if self.previous_health == "unhealthy":
+            for container in candidates:
+                if container.id != keep.id and container.id not in unhealthy:
+                    kept.add(container.id)
+                    self.context.log.info(
+                        "kept %s too: the replaced release was unhealthy and this "
+                        "is the newest healthy one before it",
+                        container.name,
+                    )
+                    break
         for container in candidates:
-            if container.id != keep.id:
+            if container.id not in kept:
                 self._remove_quietly(container, "an older previous container")
 
     def _remove_quietly(self, container: Any, label: str) -> None:

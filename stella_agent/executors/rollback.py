@@ -1,7 +1,11 @@
 """The rollback task of the Docker executor, run in a worker thread.
 
-In its simple form a rollback brings back the newest
-``<name>-previous-<timestamp>`` container that the agent deployed. The current
+In its simple form a rollback brings back the last healthy release among the
+``<name>-previous-<timestamp>`` containers that the agent deployed. Every such
+container was healthy when its deploy finished, so the newest one by its
+``stella.deployed.at`` label is taken, unless it was unhealthy when a later
+deploy set it aside (recorded in its successor's ``stella.replaced.health``
+label); then the next older one is tried. The current
 container is stopped and renamed ``<name>-failed-<timestamp>``. The previous one
 takes the name, starts and must become healthy, and then the replaced container
 is removed. If the previous container does not become healthy, the current one
@@ -23,7 +27,11 @@ from stella_agent.errors import (
     TaskTimeoutError,
 )
 from stella_agent.executors.base import Outcome, TaskContext
-from stella_agent.executors.container_spec import LABEL_DIGEST, HealthWait
+from stella_agent.executors.container_spec import (
+    LABEL_DIGEST,
+    LABEL_RELEASE_ID,
+    HealthWait,
+)
 from stella_agent.executors.containers import (
     FAILED,
     aside_name,
@@ -32,10 +40,12 @@ from stella_agent.executors.containers import (
     find_container,
     find_previous,
     is_running,
+    releases_newest_first,
     remove_container,
     rename_container,
     start_and_verify,
     stop_container,
+    unhealthy_when_replaced,
 )
 from stella_agent.executors.deploy import DeployFlow, HookRunner
 from stella_agent.executors.health import wait_until_healthy
@@ -69,14 +79,7 @@ class RollbackFlow:
         if self.payload.target_digest:
             return self._deploy_target(name)
 
-        candidates = find_previous(self.client, name)
-        if not candidates:
-            raise RollbackFailedError(
-                f"no previous container for {name}: nothing named {name}-previous-* "
-                "was kept by an earlier deploy; deploy the wanted digest instead",
-                phase="validate",
-            )
-        previous = candidates[0]
+        previous = self._choose_previous(name)
         current = find_container(self.client, name)
         context.log.info("rolling %s back to %s", name, previous.name)
         context.checkpoint()
@@ -131,6 +134,33 @@ class RollbackFlow:
                 "restored_from": previous_name,
                 "changed": "true",
             }
+        )
+
+    def _choose_previous(self, name: str) -> Any:
+        """Return the last healthy release kept aside; raise RollbackFailedError
+        when there is none."""
+        candidates = releases_newest_first(find_previous(self.client, name))
+        if not candidates:
+            raise RollbackFailedError(
+                f"no previous container for {name}: nothing named {name}-previous-* "
+                "was kept by an earlier deploy; deploy the wanted digest instead",
+                phase="validate",
+            )
+        unhealthy = unhealthy_when_replaced(self.client)
+        for candidate in candidates:
+            if candidate.id not in unhealthy:
+                return candidate
+            self.context.log.info(
+                "skipping %s (release %s): it was unhealthy when a later deploy "
+                "replaced it",
+                candidate.name,
+                (candidate.labels or {}).get(LABEL_RELEASE_ID) or "without id",
+            )
+        names = ", ".join(candidate.name for candidate in candidates)
+        raise RollbackFailedError(
+            f"no healthy previous release of {name}: {names} were unhealthy when "
+            "they were replaced; deploy a known good digest instead",
+            phase="validate",
         )
 
     def _wait(self) -> HealthWait:

@@ -93,6 +93,8 @@ class Agent:
                 "state_dir": str(tmp_path),
                 "docker": {"stop_timeout_seconds": 1},
                 "tasks": {"health_timeout_seconds": 15, "settle_seconds": 2},
+                # Keep the version sticker every deploy writes out of /var/stella.
+                "sticker": {"path": str(tmp_path / "stella" / "version.json")},
             }
         )
         self.runner = TaskRunner(config, {"docker": DockerExecutor()}, docker.from_env)
@@ -580,7 +582,7 @@ def test_asyncio_cancel_waits_for_rollback(
     assert containers_named(docker_client, container_name) == [container_name]
 
 
-def test_unsupported_task_type(agent, container_name):
+def test_inspect_of_missing_container(agent, container_name):
     result = agent.run(
         task_pb2.AgentTask(
             id="inspect-1",
@@ -589,8 +591,8 @@ def test_unsupported_task_type(agent, container_name):
         )
     )
 
-    assert result.error_type == "unsupported"
-    assert "inspect is not supported by the docker executor" in result.error
+    assert result.error_type == "not_found"
+    assert f"container {container_name} not found" in result.error
 
 
 @pytest.mark.parametrize("phase", ["stop", "rename", "create", "health"])
