@@ -27,7 +27,12 @@ STACK_PORT="${STELLA_DEMO_STACK_PORT:-18081}"
 STACK="stella-demo-shop"
 mkdir -p "$DEMO"
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Headings in bold when the output is a terminal.
+if [ -t 1 ]; then
+    say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+else
+    say() { printf '\n==> %s\n' "$*"; }
+fi
 
 free_port() {
     python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -121,6 +126,7 @@ deploy web:v1 r1
 serving
 deploy web:v2 r2
 serving
+say "next: an image whose health check always fails; expect a failed result and a rollback to r2"
 deploy broken:v1 r3-broken
 serving
 
@@ -178,3 +184,4 @@ if [ "$ok" != true ]; then
     echo "the demo did not end as expected; see $DEMO/agent.log" >&2
     exit 1
 fi
+echo "Every step ended as expected."

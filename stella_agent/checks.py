@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from stella_agent.config import AgentConfig
+from stella_agent.errors import StellaError
 
 EXPIRY_WARNING_DAYS = 30
 """A certificate with fewer days left than this is reported as a warning."""
@@ -101,6 +102,9 @@ def run_checks(
         if ca_certs is not None:
             results.append(check_ca_signs(cert, ca_certs))
 
+    if config.signing.public_keys:
+        results.append(check_signing_keys(config.signing.public_keys))
+
     if ca_certs is None or cert is None or key is None:
         results.append(
             CheckResult(
@@ -112,6 +116,19 @@ def run_checks(
     else:
         results.append(check_orchestrator(config))
     return results
+
+
+def check_signing_keys(specs: tuple[str, ...]) -> CheckResult:
+    """Check that every configured signing public key loads."""
+    from stella_agent.signing import load_public_keys
+
+    try:
+        keys = load_public_keys(specs)
+    except StellaError as exc:
+        return CheckResult("signing.public_keys", False, str(exc))
+    return CheckResult(
+        "signing.public_keys", True, f"{len(keys)} key(s): {', '.join(sorted(keys))}"
+    )
 
 
 def _load(key_name, path, parse, results):

@@ -34,7 +34,13 @@ def _configure_logging(level: str) -> None:
 
 
 def _result_json(result) -> str:
-    return json_format.MessageToJson(result, preserving_proto_field_name=True, indent=2)
+    # success and retriable are printed even when false.
+    return json_format.MessageToJson(
+        result,
+        preserving_proto_field_name=True,
+        indent=2,
+        always_print_fields_with_no_presence=True,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -129,6 +135,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         async with _operator_client(args) as client:
             task_id = await client.submit(args.agent, task, artifacts, credentials)
             print(f"submitted task {task_id} to agent {args.agent}", file=sys.stderr)
+            connected = [a.agent_id for a in (await client.list_agents()).agents]
+            if args.agent not in connected:
+                print(
+                    f"agent {args.agent} is not connected now, so the task waits until it "
+                    f"connects; connected agents: {', '.join(connected) or 'none'}",
+                    file=sys.stderr,
+                )
             if args.no_wait:
                 return None, task_id
             return await client.follow(
@@ -139,6 +152,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if result is None:
         print(task_id)
         return 0
+    if not args.no_wait:
+        # The log was streamed above; the result's tail of it would repeat it.
+        result.ClearField("logs")
     print(_result_json(result))
     return 0 if result.success else EXIT_TASK_FAILED
 

@@ -335,6 +335,12 @@ def _apply_env_overrides(merged: dict[str, Any], env: Mapping[str, str]) -> None
         else:
             if rest in {f.name for f in fields(AgentConfig)}:
                 merged[rest] = value
+            else:
+                raise ConfigError(
+                    f"environment variable {name} names no config key; use "
+                    "STELLA_AGENT_<KEY> or STELLA_AGENT_<SECTION>_<KEY>, for example "
+                    "STELLA_AGENT_TASKS_MAX_CONCURRENT"
+                )
 
 
 def _validate(config: AgentConfig) -> None:
@@ -348,10 +354,19 @@ def _validate(config: AgentConfig) -> None:
             f"config key 'log_level' must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}"
         )
     address = config.orchestrator.address
+    if "://" in address:
+        raise ConfigError(
+            f"config key 'orchestrator.address' must be host:port without a scheme, "
+            f"got {address!r}; drop the {address.split('://')[0]}:// prefix"
+        )
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit():
         raise ConfigError(
             f"config key 'orchestrator.address' must be host:port, got {address!r}"
+        )
+    if not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"config key 'orchestrator.address' has port {port}, outside 1 to 65535"
         )
     if config.tasks.busy_policy not in ("wait", "reject"):
         raise ConfigError(

@@ -100,6 +100,11 @@ def task_from_dict(data: dict[str, Any]) -> task_pb2.AgentTask:
     task_type = data.get("type")
     if isinstance(task_type, str) and task_type in TYPE_NAMES.values():
         data["type"] = next(k for k, v in TYPE_NAMES.items() if v == task_type)
+    elif isinstance(task_type, str) and task_type not in task_pb2.TaskType.keys():
+        raise ConfigError(
+            f"invalid AgentTask: unknown type {task_type!r}; expected one of "
+            f"{', '.join(TYPE_NAMES.values())}"
+        )
     executor = data.get("executor")
     if isinstance(executor, str) and executor in ("docker", "compose"):
         data["executor"] = "EXECUTOR_" + executor.upper()
@@ -179,7 +184,8 @@ def validate_repository(value: str, field: str = "image") -> str:
         last = value.rsplit("/", 1)[-1]
         if ":" in last:
             raise InvalidTaskError(
-                f"{field} {value[:200]!r} must not contain a tag: the agent deploys by digest only"
+                f"{field} {value[:200]!r} must not contain a tag: the agent deploys by digest "
+                "only; give the repository here and its sha256 digest in deploy.digest"
             )
         raise InvalidTaskError(
             f"{field} {value[:200]!r} is not a valid image repository "

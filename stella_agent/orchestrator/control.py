@@ -86,6 +86,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                 )
             )
         artifacts = {item.name: item.content for item in request.artifacts}
+        problem = _artifact_problem(task, artifacts)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         record = self.state.submit(request.agent_id, task, artifacts)
         logger.info(
             "operator %s submitted task %s for agent %s",
@@ -136,3 +139,25 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             )
         )
         return control_pb2.CancelTaskResponse(sent=True)
+
+
+def _artifact_problem(task, artifacts: dict[str, bytes]) -> str:
+    """Return why the task's artifact references and the given content do not
+    match, or "" when they do."""
+    references = (
+        list(task.deploy.artifacts) if task.WhichOneof("payload") == "deploy" else []
+    )
+    names = {reference.name for reference in references}
+    for reference in references:
+        if not reference.content and reference.name not in artifacts:
+            return (
+                f"artifact {reference.name!r} has no content: give it with "
+                f"`stella-agent submit --artifact {reference.name}=PATH`, or inline"
+            )
+    unknown = sorted(set(artifacts) - names)
+    if unknown:
+        return (
+            f"artifact content given for {', '.join(map(repr, unknown))}, which the task "
+            f"does not reference; its artifacts are: {', '.join(sorted(names)) or 'none'}"
+        )
+    return ""

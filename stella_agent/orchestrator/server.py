@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import OPERATOR_IDENTITY, read_tls_files
 from stella_agent.credentials import seal_credentials
+from stella_agent.errors import ConfigError
 from stella_agent.orchestrator.control import ControlServicer
 from stella_agent.orchestrator.gateway import AgentGatewayServicer
 from stella_agent.orchestrator.state import OrchestratorState
@@ -32,6 +33,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default, which lets a second orchestrator bind
+    # the same port and split the agents between the two.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -50,6 +54,17 @@ class OrchestratorConfig:
     signing_key_file: str = ""
     """Ed25519 private key (PEM) to sign every task with; empty sends tasks
     unsigned."""
+
+
+def check_listen_address(listen: str) -> None:
+    """Raise ConfigError unless `listen` is host:port with a valid port."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            f"--listen {listen!r} must be host:port, for example 127.0.0.1:7443"
+        )
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {listen!r} has port {port}, outside 0 to 65535")
 
 
 class Orchestrator:
@@ -98,9 +113,17 @@ class Orchestrator:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(service_names, server)
-        self.port = server.add_secure_port(self.config.listen, credentials)
+        check_listen_address(self.config.listen)
+        try:
+            self.port = server.add_secure_port(self.config.listen, credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}; is the port in use?")
+            raise ConfigError(
+                f"cannot listen on {self.config.listen}: the port is in use or the "
+                "address is not on this host; stop the other process or choose "
+                "another --listen host:port"
+            )
         await server.start()
         for name in ("", *service_names[:2]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

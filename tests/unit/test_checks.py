@@ -413,3 +413,12 @@ def test_format_results_aligns_columns():
         "WARN  longer name  soon",
         "FAIL  b            broken",
     ]
+
+
+def test_missing_signing_key_fails_check(tmp_path):
+    from stella_agent.checks import check_signing_keys
+
+    result = check_signing_keys((str(tmp_path / "absent.pub"),))
+
+    assert not result.ok
+    assert "absent.pub" in result.message

@@ -95,3 +95,24 @@ def test_invalid_yaml_is_reported_with_file(tmp_path):
 def test_missing_config_file_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml", env={})
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("https://127.0.0.1:7443", "drop the https:// prefix"),
+        ("127.0.0.1:74433", "port 74433, outside 1 to 65535"),
+    ],
+)
+def test_orchestrator_address_errors_say_the_fix(address, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping({"agent_id": "a", "orchestrator": {"address": address}})
+
+
+def test_misspelt_environment_variable_is_an_error():
+    with pytest.raises(
+        ConfigError, match="STELLA_AGENT_TASK_MAX_CONCURRENT names no config key"
+    ):
+        config_from_mapping(
+            {"agent_id": "a"}, env={"STELLA_AGENT_TASK_MAX_CONCURRENT": "2"}
+        )
