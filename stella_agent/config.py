@@ -53,6 +53,11 @@ class TlsConfig:
     """PEM client certificate whose identity is the agent id."""
     key_file: str = ""
     """PEM private key of the client certificate."""
+    reload_check_seconds: float = 10.0
+    """How often to look for a renewed certificate, key or CA on disk; a change
+    opens a new stream with them."""
+    expiry_warning_days: int = 30
+    """Log a warning when the certificate expires within this many days."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +373,12 @@ def _validate(config: AgentConfig) -> None:
         raise ConfigError(
             f"config key 'orchestrator.address' has port {port}, outside 1 to 65535"
         )
+    if config.orchestrator.keepalive_seconds < 10:
+        raise ConfigError(
+            "config key 'orchestrator.keepalive_seconds' must be at least 10, got "
+            f"{config.orchestrator.keepalive_seconds:g}: orchestrators reject more frequent "
+            "pings with GOAWAY too_many_pings"
+        )
     if config.tasks.busy_policy not in ("wait", "reject"):
         raise ConfigError(
             f"config key 'tasks.busy_policy' must be 'wait' or 'reject', got {config.tasks.busy_policy!r}"
@@ -395,6 +406,7 @@ def _validate(config: AgentConfig) -> None:
         "orchestrator.reconnect_initial_seconds": config.orchestrator.reconnect_initial_seconds,
         "orchestrator.reconnect_max_seconds": config.orchestrator.reconnect_max_seconds,
         "orchestrator.keepalive_seconds": config.orchestrator.keepalive_seconds,
+        "tls.reload_check_seconds": config.tls.reload_check_seconds,
         "tasks.default_timeout_seconds": config.tasks.default_timeout_seconds,
         "tasks.health_timeout_seconds": config.tasks.health_timeout_seconds,
         "docker.pull_timeout_seconds": config.docker.pull_timeout_seconds,

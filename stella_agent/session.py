@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import logging
+import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
+from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from stella.agent.v1 import gateway_pb2, gateway_pb2_grpc, result_pb2
 from stella_agent import __version__
 from stella_agent.audit import ACTION_SIGNATURE_INVALID
-from stella_agent.certs import TlsFiles
+from stella_agent.certs import TlsFiles, certificate_identity, read_tls_files
 from stella_agent.config import AgentConfig
 from stella_agent.dispatcher import Dispatcher
-from stella_agent.errors import StellaError, TaskError
+from stella_agent.errors import CertificateError, StellaError, TaskError
 from stella_agent.journal import Journal
 from stella_agent.security import AgentSecurity
 from stella_agent.signing import ReplayedTaskError, SignatureError
@@ -59,6 +63,34 @@ RETRYABLE_STATUS_CODES = {
 
 MAX_SPOOL_BYTES = 32 * 1024 * 1024
 """Log bytes kept per agent for resending after a reconnect."""
+
+
+EXPIRY_WARNING_INTERVAL_SECONDS = 12 * 3600
+
+
+def tls_fingerprint(config: AgentConfig) -> tuple:
+    """Modification time and size of the TLS files, to notice a renewal."""
+    result = []
+    for path in (config.tls.ca_file, config.tls.cert_file, config.tls.key_file):
+        try:
+            stat = os.stat(path)
+            result.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        except OSError:
+            result.append(None)
+    return tuple(result)
+
+
+def warn_expiry(cert_pem: bytes, config: AgentConfig) -> None:
+    """Log a warning when the certificate expires within the configured days."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if left.total_seconds() < config.tls.expiry_warning_days * 86400:
+        logger.warning(
+            "the agent certificate %s expires on %s UTC, in %d day(s); renew it",
+            config.tls.cert_file,
+            cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M"),
+            left.days,
+        )
 
 
 class FatalConnectionError(StellaError):
@@ -216,6 +248,8 @@ class AgentSession:
         self._outgoing: asyncio.Queue[gateway_pb2.ConnectRequest] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stopping = asyncio.Event()
+        self._tls_changed = asyncio.Event()
+        self._tls_fingerprint = tls_fingerprint(config)
         self.connected = asyncio.Event()
         self.streams_opened = 0
         self._loop = asyncio.get_event_loop()
@@ -282,6 +316,7 @@ class AgentSession:
         """Stay connected until stop(); raise FatalConnectionError when the
         orchestrator rejects the agent."""
         recovery = asyncio.create_task(self.dispatcher.recover())
+        watcher = asyncio.create_task(self._watch_tls())
         delay = self.config.orchestrator.reconnect_initial_seconds
         try:
             while not self._stopping.is_set():
@@ -289,6 +324,14 @@ class AgentSession:
                     await self._run_stream()
                     delay = self.config.orchestrator.reconnect_initial_seconds
                     reason = "stream closed by the orchestrator"
+                    if self._tls_changed.is_set():
+                        # Tasks and results do not depend on the stream, so
+                        # switching streams disturbs no running task.
+                        self._tls_changed.clear()
+                        logger.info(
+                            "opening a new stream with the reloaded certificate"
+                        )
+                        continue
                 except grpc.RpcError as exc:
                     fatal, reason = classify(exc)
                     if fatal:
@@ -316,10 +359,45 @@ class AgentSession:
         finally:
             self.connected.clear()
             recovery.cancel()
-            await asyncio.gather(recovery, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(recovery, watcher, return_exceptions=True)
             await self.dispatcher.stop()
             if self._channel is not None:
                 await self._channel.close()
+
+    async def _watch_tls(self) -> None:
+        """Reload the certificate, key and CA when their files change, and
+        warn ahead of the certificate's expiry."""
+        warn_expiry(self.tls.cert, self.config)
+        last_warning = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.tls.reload_check_seconds)
+            if time.monotonic() - last_warning > EXPIRY_WARNING_INTERVAL_SECONDS:
+                warn_expiry(self.tls.cert, self.config)
+                last_warning = time.monotonic()
+            fingerprint = tls_fingerprint(self.config)
+            if fingerprint == self._tls_fingerprint:
+                continue
+            tls = self.config.tls
+            try:
+                # Read as a pair: a half-written renewal fails here and is
+                # tried again on the next check.
+                renewed = read_tls_files(tls.ca_file, tls.cert_file, tls.key_file)
+                identity = certificate_identity(renewed.cert)
+                if identity != self.config.agent_id:
+                    raise CertificateError(
+                        f"the new certificate names {identity!r}, not {self.config.agent_id!r}"
+                    )
+            except CertificateError as exc:
+                logger.error("TLS files changed but were not reloaded: %s", exc)
+                continue
+            self._tls_fingerprint = fingerprint
+            if renewed == self.tls:
+                continue
+            self.tls = renewed
+            logger.info("reloaded the agent certificate from %s", tls.cert_file)
+            warn_expiry(renewed.cert, self.config)
+            self._tls_changed.set()
 
     async def _run_stream(self) -> None:
         credentials = grpc.ssl_channel_credentials(
@@ -368,6 +446,7 @@ class AgentSession:
             asyncio.create_task(self._write_loop(call, outgoing)),
             asyncio.create_task(self._heartbeat_loop(outgoing, interval)),
             asyncio.create_task(self._stopping.wait()),
+            asyncio.create_task(self._tls_changed.wait()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

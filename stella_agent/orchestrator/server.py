@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from stella.agent.v1 import control_pb2, control_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from stella_agent.certs import OPERATOR_IDENTITY, read_tls_files
 from stella_agent.credentials import seal_credentials
-from stella_agent.errors import ConfigError
+from stella_agent.errors import CertificateError, ConfigError
 from stella_agent.orchestrator.control import ControlServicer
 from stella_agent.orchestrator.gateway import AgentGatewayServicer
 from stella_agent.orchestrator.state import OrchestratorState
@@ -56,6 +57,12 @@ class OrchestratorConfig:
     unsigned."""
 
 
+def _certificate_configuration(tls):
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.key, tls.cert)], root_certificates=tls.ca
+    )
+
+
 def check_listen_address(listen: str) -> None:
     """Raise ConfigError unless `listen` is host:port with a valid port."""
     host, sep, port = listen.rpartition(":")
@@ -89,9 +96,14 @@ class Orchestrator:
             self.config.key_file,
             key_name="orchestrator",
         )
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
+        credentials = grpc.dynamic_ssl_server_credentials(
+            _certificate_configuration(tls),
+            self._fetch_certificate_configuration,
+            require_client_authentication=True,
         )
+        self._tls = tls
+        self._tls_stat = self._stat_tls_files()
+
         server = grpc.aio.server(options=SERVER_OPTIONS)
         gateway_pb2_grpc.add_AgentGatewayServicer_to_server(
             AgentGatewayServicer(self.state, self.config.heartbeat_interval), server
@@ -132,6 +144,39 @@ class Orchestrator:
             "orchestrator listening on %s (port %d)", self.config.listen, self.port
         )
         return self.port
+
+    def _stat_tls_files(self) -> tuple:
+        stats = []
+        for path in (self.config.ca_file, self.config.cert_file, self.config.key_file):
+            try:
+                stat = os.stat(path)
+                stats.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+            except OSError:
+                stats.append(None)
+        return tuple(stats)
+
+    def _fetch_certificate_configuration(self):
+        """Called by gRPC before each TLS handshake: return a new certificate
+        configuration when the files changed, None to keep the current one."""
+        current = self._stat_tls_files()
+        if current == self._tls_stat:
+            return None
+        self._tls_stat = current
+        try:
+            tls = read_tls_files(
+                self.config.ca_file,
+                self.config.cert_file,
+                self.config.key_file,
+                key_name="orchestrator",
+            )
+        except CertificateError as exc:
+            logger.error("TLS files changed but were not reloaded: %s", exc)
+            return None
+        if tls == self._tls:
+            return None
+        self._tls = tls
+        logger.info("reloaded the server certificate from %s", self.config.cert_file)
+        return _certificate_configuration(tls)
 
     async def stop(self, grace: float = 2.0) -> None:
         if self.server is not None:
