@@ -8,7 +8,7 @@ A deploy reads as the steps below, each a short block of ``_deploy``:
 3. verify: write them into a staging snapshot and check the model that
    ``docker compose config`` resolves against the expected digests;
 4. pull: make every image present and check its repository digest;
-5. pre-deploy hook (call site only, because hooks are rejected for now);
+5. pre-deploy hook, in the sandbox of ``hooks`` (see ``compose_tasks``);
 6. switch: the live release becomes the backup, the staged one goes live,
    ``up --remove-orphans --force-recreate`` runs, the running containers'
    image ids are checked, and every service must become healthy;
@@ -50,6 +50,7 @@ from stella_agent.errors import (
     RollbackFailedError,
     TaskError,
 )
+from stella_agent.executors import compose_tasks
 from stella_agent.executors.base import Outcome, TaskContext
 from stella_agent.executors.compose_runner import ComposeRunner, reserved_variable
 from stella_agent.executors.compose_stack import (
@@ -103,6 +104,8 @@ class ComposeExecutor:
                 return await self._deploy(context)
             if task_type == task_pb2.TASK_TYPE_ROLLBACK:
                 return await self._rollback(context)
+            if task_type in compose_tasks.SUPPORTED_TYPES:
+                return await compose_tasks.run_task(context)
         except DigestMismatchError as exc:
             # TODO: record this in the audit log once it exists. Until then
             # the agent log and the task result carry it.
@@ -129,7 +132,7 @@ class ComposeExecutor:
         config = payload.config
 
         context.set_phase("prepare")
-        _reject_hooks(payload.hooks)
+        compose_tasks.validate_hooks(context, payload.hooks)
         expected = validate_expected_digests(config.expected_digests)
         environment = validate_environment(config.environment)
         _check_release_layout(payload.artifacts)
@@ -139,13 +142,6 @@ class ComposeExecutor:
             config.stack_name,
             config.deployment_directory,
         )
-        if config.HasField("sticker"):
-            # TODO: write the configured sticker location once the general
-            # sticker writer exists. Until then only version.json is written.
-            context.log.info(
-                "the task's sticker location is not written yet; see %s",
-                steps.paths.version_file,
-            )
 
         context.set_phase("artifacts")
         artifacts = await materialise_artifacts(
@@ -181,19 +177,25 @@ class ComposeExecutor:
                 image_ids = await steps.pull(plans, forward=True)
                 context.checkpoint()
 
-                # Pre-deploy hook call site: it runs here, after the images are
-                # pulled and verified and before anything running changes.
-                # Hooks are rejected in _reject_hooks until they are built.
+                # After the images are pulled and verified, before anything
+                # running changes.
+                await compose_tasks.run_hook(
+                    context, payload.hooks, "pre_deploy", files_directory
+                )
+                context.checkpoint()
             except BaseException:
                 await disk(shutil.rmtree, staging, True)
                 raise
             switch, verdicts = await self._switch(
-                steps, staging, record, plans, image_ids
+                steps, staging, record, plans, image_ids, payload.hooks
             )
         context.log.info(
             "stack %s deployed as project %s", steps.stack_name, steps.project
         )
-        return Outcome(outputs=_outputs(steps, record, switch, verdicts))
+        outputs = _outputs(steps, record, switch, verdicts)
+        if config.HasField("sticker"):
+            outputs.update(await _write_sticker(context, config.sticker, record, plans))
+        return Outcome(outputs=outputs)
 
     # Rollback
 
@@ -247,7 +249,11 @@ class ComposeExecutor:
             steps.stack_name,
             record.release_id or "(no id)",
         )
-        return Outcome(outputs=_outputs(steps, record, switch, verdicts))
+        outputs = _outputs(steps, record, switch, verdicts)
+        if payload.config.HasField("sticker"):
+            sticker = payload.config.sticker
+            outputs.update(await _write_sticker(context, sticker, record, plans))
+        return Outcome(outputs=outputs)
 
     # Switch and recovery
 
@@ -258,6 +264,7 @@ class ComposeExecutor:
         record: ReleaseRecord,
         plans: Mapping[str, ServicePlan],
         image_ids: Mapping[str, str],
+        hooks: task_pb2.DeployHooks | None = None,
     ) -> tuple[Switch, dict[str, str]]:
         """Make the snapshot `source` live and healthy, or restore the previous
         release and re-raise."""
@@ -278,9 +285,13 @@ class ComposeExecutor:
             elapsed = time.monotonic() - started
             context.metrics.health_check_duration_ms = int(elapsed * 1000)
 
-            # Post-deploy hook call site: it runs here, once the release is
-            # healthy, and its failure must roll back like a failed health
-            # check. Hooks are rejected in _reject_hooks until they are built.
+            # Once the release is healthy; its failure rolls back like a
+            # failed health check.
+            if hooks is not None:
+                await compose_tasks.run_hook(
+                    context, hooks, "post_deploy", steps.paths.directory
+                )
+                context.checkpoint()
 
             context.set_phase("sticker")
             await steps.write_sticker(record, plans)
@@ -391,15 +402,21 @@ def validate_environment(environment: Mapping[str, str]) -> dict[str, str]:
     return dict(environment)
 
 
-def _reject_hooks(hooks: task_pb2.DeployHooks) -> None:
-    # TODO: run hooks once the hook sandbox exists. Until then a task with a
-    # hook is rejected, because skipping it silently would break its promise.
-    for name in ("pre_deploy", "post_deploy"):
-        if hooks.HasField(name) and getattr(hooks, name).command:
-            raise InvalidTaskError(
-                f"{name} hooks are not supported by the Compose executor yet",
-                error_type="unsupported",
-            )
+async def _write_sticker(
+    context: TaskContext,
+    requested: task_pb2.StickerConfig,
+    record: ReleaseRecord,
+    plans: Mapping[str, ServicePlan],
+) -> dict[str, str]:
+    """Write the sticker to the location the task names, besides version.json."""
+    return await compose_tasks.write_stack_sticker(
+        context,
+        requested,
+        project_name=record.project_name,
+        release_id=record.release_id,
+        release_name=record.release_name,
+        service_digests={name: plan.digest for name, plan in plans.items()},
+    )
 
 
 def _check_release_layout(references: Sequence[task_pb2.ArtifactReference]) -> None:

@@ -62,7 +62,7 @@ class DockerExecutor:
         `phase`, using the notes the task wrote; see docker_recovery."""
 
         def recover_blocking(context: TaskContext) -> Outcome:
-            return recover_task(context, _client(context), phase)
+            return recover_task(context, docker_client(context), phase)
 
         return await run_in_worker(context, recover_blocking)
 
@@ -80,7 +80,7 @@ class DockerExecutor:
 
     def _run_blocking(self, context: TaskContext) -> Outcome:
         handler = self._handlers()[context.task.type]
-        return handler(context, _client(context))
+        return handler(context, docker_client(context))
 
     def _deploy(self, context: TaskContext, client: Any) -> Outcome:
         payload = context.task.deploy
@@ -106,7 +106,7 @@ class DockerExecutor:
         return outcome
 
 
-def _client(context: TaskContext) -> Any:
+def docker_client(context: TaskContext) -> Any:
     """Return the context's Docker client, creating one from the environment."""
     if context.docker is None:
         try:

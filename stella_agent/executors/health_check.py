@@ -203,6 +203,8 @@ def verdict(report: Mapping[str, Any]) -> str:
 
 def describe_problem(report: Mapping[str, Any]) -> str:
     """Return why a report is not healthy, in a few words."""
+    if report.get("problem"):
+        return str(report["problem"])
     if not report.get("running", True):
         return f"state {report.get('state')}, exit code {report.get('exit_code')}"
     probe = report.get("probe")

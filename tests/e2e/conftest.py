@@ -151,6 +151,8 @@ def write_agent_config(
         # busybox as PID 1 ignores SIGTERM, so every stop would wait the
         # full grace period; keep it short.
         "docker": {"stop_timeout_seconds": 2},
+        # Every deploy writes the version sticker; keep it out of /var/stella.
+        "sticker": {"path": str(state_dir / "stella" / "version.json")},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

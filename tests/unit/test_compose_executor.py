@@ -56,27 +56,27 @@ def run(task: task_pb2.AgentTask, tmp_path):
     return asyncio.run(runner.run(runner.new_context(task, None)))
 
 
-def test_unsupported_task_type(tmp_path):
+def test_command_needs_service(tmp_path):
     task = task_pb2.AgentTask(
         id="task-1",
         executor=task_pb2.EXECUTOR_COMPOSE,
-        type=task_pb2.TASK_TYPE_INSPECT,
-        inspect=task_pb2.InspectPayload(stack_name="shop"),
+        type=task_pb2.TASK_TYPE_EXECUTE_COMMAND,
+        execute_command=task_pb2.ExecuteCommandPayload(stack_name="shop", argv=["id"]),
     )
 
     result = run(task, tmp_path)
 
-    assert result.error_type == "unsupported"
-    assert "inspect" in result.error
+    assert result.error_type == "invalid_task"
+    assert "execute_command.service is required" in result.error
 
 
-def test_hooks_rejected_as_unsupported(tmp_path):
+def test_hook_without_image_rejected(tmp_path):
     hooks = task_pb2.DeployHooks(pre_deploy=task_pb2.HookConfig(command=["true"]))
 
     result = run(deploy_task(hooks=hooks), tmp_path)
 
-    assert result.error_type == "unsupported"
-    assert "pre_deploy" in result.error
+    assert result.error_type == "invalid_task"
+    assert "hooks.pre_deploy.image is empty" in result.error
 
 
 def test_rollback_to_target_digest_unsupported(tmp_path):
