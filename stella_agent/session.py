@@ -66,6 +66,10 @@ MAX_SPOOL_BYTES = 32 * 1024 * 1024
 
 
 EXPIRY_WARNING_INTERVAL_SECONDS = 12 * 3600
+SILENCE_LIMIT = 3
+"""Heartbeat intervals without any message from the orchestrator after which
+the agent treats the stream as dead."""
+MIN_SILENCE_SECONDS = 5.0
 
 
 def tls_fingerprint(config: AgentConfig) -> tuple:
@@ -249,6 +253,7 @@ class AgentSession:
         self._channel: grpc.aio.Channel | None = None
         self._stopping = asyncio.Event()
         self._tls_changed = asyncio.Event()
+        self._last_received = time.monotonic()
         self._tls_fingerprint = tls_fingerprint(config)
         self.connected = asyncio.Event()
         self.streams_opened = 0
@@ -485,6 +490,7 @@ class AgentSession:
     async def _read_loop(self, call) -> None:
         while True:
             message = await call.read()
+            self._last_received = time.monotonic()
             if message is grpc.aio.EOF:
                 code = await call.code()
                 if code != grpc.StatusCode.OK:
@@ -618,8 +624,20 @@ class AgentSession:
                 await call.write(getter.result())
 
     async def _heartbeat_loop(self, outgoing: asyncio.Queue, interval: float) -> None:
+        """Send a heartbeat every interval, and end the stream when nothing
+        came from the orchestrator for SILENCE_LIMIT intervals (it sends its
+        own heartbeats), which catches a half-open connection that HTTP/2
+        keepalive may take longer to notice."""
+        self._last_received = time.monotonic()
+        limit = max(interval * SILENCE_LIMIT, MIN_SILENCE_SECONDS)
         while True:
             await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_received
+            if silent > limit:
+                raise ConnectionError(
+                    f"nothing received from the orchestrator for {silent:.0f}s; the "
+                    "connection is dead or half-open"
+                )
             sent_at = Timestamp()
             sent_at.GetCurrentTime()
             outgoing.put_nowait(

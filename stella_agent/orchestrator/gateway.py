@@ -105,10 +105,12 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
         self.state.send_pending(connection)
 
         reader = asyncio.create_task(self._read_loop(context, connection))
+        heartbeats = asyncio.create_task(self._heartbeat_loop(connection))
         try:
             await self._write_loop(context, connection, reader)
         finally:
             reader.cancel()
+            heartbeats.cancel()
             self.state.disconnect(connection)
             logger.info(
                 "agent %s disconnected (session %s)", identity, connection.session_id
@@ -136,6 +138,18 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
                 await context.write(getter.result())
         finally:
             closed.cancel()
+
+    async def _heartbeat_loop(self, connection: AgentConnection) -> None:
+        """Send a heartbeat every interval: agents end a stream on which
+        nothing arrives for three intervals."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            stamp = _now()
+            connection.outgoing.put_nowait(
+                gateway_pb2.ConnectResponse(
+                    heartbeat=gateway_pb2.Heartbeat(sent_at=stamp)
+                )
+            )
 
     async def _read_loop(self, context, connection: AgentConnection) -> None:
         while True:

@@ -313,3 +313,58 @@ def test_sigterm_drains_running_task(
     assert status == 0
     assert delivered.success, delivered.error
     assert "draining" in agent.output()
+
+
+def test_fifty_concurrent_duplicates_deploy_once(
+    pki, orchestrator, agent, test_images, container_name, docker_client
+):
+    port = free_port()
+
+    async def scenario():
+        async with control_client(pki, orchestrator.address) as client:
+            await client.wait_for_agent(AGENT_ID)
+            ids = []
+            for n in range(50):
+                task = deploy_task(
+                    f"dup-{n}", test_images["web:v1"], container_name, port
+                )
+                task.idempotency_key = f"release-{container_name}"
+                ids.append(await client.submit(AGENT_ID, task))
+            return await asyncio.gather(
+                *(client.follow(task_id, timeout=180) for task_id in ids)
+            )
+
+    results = run(scenario())
+
+    assert all(r.success for r in results), [r.error for r in results if not r.success]
+    originals = {r.outputs.get("original_task_id", r.task_id) for r in results}
+    assert len(originals) == 1
+    created = docker_client.containers.list(all=True, filters={"name": container_name})
+    assert [c.name for c in created] == [container_name]
+    assert fetch(port) == "v1"
+
+
+def test_frozen_orchestrator_is_detected_and_agent_reconnects(
+    pki, orchestrator, tmp_path
+):
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        pki,
+        orchestrator.address,
+        tmp_path / "state",
+        orchestrator={"keepalive_seconds": 10},
+    )
+    agent = Process(["run", "--config", str(config)], tmp_path / "agent.log")
+    agent.start()
+    try:
+        agent.wait_for_output("connected to", timeout=30)
+        mark = agent.mark()
+        # A stopped process keeps its sockets open: a half-open connection.
+        orchestrator.proc.send_signal(signal.SIGSTOP)
+        try:
+            agent.wait_for_output("disconnected from", timeout=45, since=mark)
+        finally:
+            orchestrator.proc.send_signal(signal.SIGCONT)
+        agent.wait_for_output("connected to", timeout=60, since=agent.mark())
+    finally:
+        agent.stop()
