@@ -27,7 +27,7 @@ AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
-    """Where the orchestrator is and how to reach it."""
+    """Address of the orchestrator and connection settings."""
 
     address: str = "127.0.0.1:7443"
     """host:port of the orchestrator's AgentGateway."""
@@ -62,7 +62,7 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class DockerConfig:
-    """How the agent talks to Docker Engine."""
+    """Connection to Docker Engine and its timeouts."""
 
     host: str = ""
     """Docker host URL; empty uses DOCKER_HOST or the default socket."""
@@ -74,7 +74,7 @@ class DockerConfig:
 
 @dataclass(frozen=True)
 class ComposeConfig:
-    """How the agent runs Docker Compose v2."""
+    """Command and timeout of Docker Compose v2."""
 
     command: tuple[str, ...] = ()
     """Compose command as an argument vector; empty finds `docker compose` or

@@ -5,7 +5,7 @@ The dispatcher owns every task the agent receives:
 - it records the task in the journal before accepting it;
 - it rejects invalid and expired tasks, and tasks for other agents or targets,
   before anything runs, and still produces a result for them;
-- it never runs a task id twice, and answers a task whose idempotency key was
+- it never runs a task id twice, and responds to a task whose idempotency key was
   seen within the window with the first task's result (joining it while it
   runs);
 - it runs tasks by priority, then arrival, at most ``tasks.max_concurrent`` at
@@ -145,7 +145,7 @@ class Dispatcher:
     # Receiving ----------------------------------------------------------------
 
     def receive(self, task: task_pb2.AgentTask) -> None:
-        """Handle a task from the orchestrator: reject, answer, join or queue it."""
+        """Handle a task from the orchestrator: reject, join or queue it, or return its stored result."""
         if self._answer_known_task_id(task):
             return
 
@@ -198,7 +198,7 @@ class Dispatcher:
         self._schedule()
 
     def _answer_known_task_id(self, task: task_pb2.AgentTask) -> bool:
-        """Answer a task id seen before without running it again."""
+        """Respond to a task id seen before without running it again."""
         entry = self.entries.get(task.id)
         if entry is not None:
             self._emit_accepted(task.id, duplicate=True, original=task.id)
@@ -229,7 +229,7 @@ class Dispatcher:
         )
         self._emit_accepted(task.id, duplicate=True, original=original_id)
         logger.info(
-            "task %s has the idempotency key of task %s; answered with its result, not run",
+            "task %s has the idempotency key of task %s; returning that task's result instead of running it",
             task.id,
             original_id,
         )

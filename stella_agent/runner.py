@@ -212,7 +212,7 @@ class TaskRunner:
         if context.masker is not None:
             mask_result(result, context.masker)
         if context.log.dropped_bytes:
-            # The spool was full while the stream was down; say how much is missing.
+            # The spool was full, so chunks were dropped; report how many bytes.
             result.outputs["log_dropped_bytes"] = str(context.log.dropped_bytes)
         result.completed_at.CopyFrom(now_timestamp())
         result.logs = context.log.tail()

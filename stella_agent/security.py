@@ -36,7 +36,7 @@ SECRET_PLACEHOLDER = "<secret: not journaled>"
 
 @dataclass
 class PreparedTask:
-    """What a task needs at run time that is never written to disk."""
+    """Credentials and secrets of a task, kept in memory only."""
 
     credentials: task_pb2.Credentials
     masker: SecretMasker
@@ -76,8 +76,8 @@ class AgentSecurity:
         return self.keypair.public_key_message()
 
     def log_filter(self) -> MaskingLogFilter:
-        """A filter for the agent's log handlers that masks running tasks'
-        secrets."""
+        """Return a filter for the agent's log handlers that masks running
+        tasks' secrets."""
         return MaskingLogFilter(self.registry)
 
     def prepare(self, task: task_pb2.AgentTask) -> PreparedTask:

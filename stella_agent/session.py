@@ -6,8 +6,8 @@ breaks: sends heartbeats, hands received tasks to the dispatcher, and sends
 log chunks and results. When the stream breaks it reconnects with exponential
 backoff and jitter; tasks keep running meanwhile. Results stay in the outbox
 until the orchestrator acknowledges them and are sent again on every new
-stream, as are the log chunks the orchestrator has not seen (Welcome says
-which).
+stream, as are the log chunks the orchestrator has not seen (Welcome lists
+where each task's log resumes).
 
 The stream uses grpc.aio's read()/write() style: one task reads, and only the
 writer task writes.
@@ -540,7 +540,7 @@ class AgentSession:
         try:
             task = verify()
         except ReplayedTaskError as exc:
-            # A task id seen before: the dispatcher answers it from the journal
+            # A task id seen before: the dispatcher responds from the journal
             # without running it again.
             self.dispatcher.receive(exc.task)
             return
