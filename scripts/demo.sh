@@ -8,6 +8,9 @@
 #   3. an image whose health check fails: the agent rolls back to v2
 #   4. a Compose stack (web, worker and a one-shot migration) from a lock file
 #      whose images are pinned by digest, fetched by the agent over mTLS
+#   5. a deploy whose pre-deploy hook (run in a sandbox container) fails:
+#      nothing changes
+#   6. a read of the version sticker, which names release r2
 #
 # Each result is printed as JSON. The deployed container stays running; the
 # last lines say how to remove it. State and logs go to ./demo-state.
@@ -59,6 +62,10 @@ tls:
   key_file: $DEMO/certs/agent-$AGENT_ID.key
 tasks:
   health_timeout_seconds: 30
+hooks:
+  image: $(python -c 'import json, sys; i = json.load(open(sys.argv[1]))["tools:v1"]; print(i["repository"] + "@" + i["digest"])' "$STATE/test-images.json")
+sticker:
+  path: $DEMO/stella/version.json
 EOF
 
 cleanup() {
@@ -167,7 +174,30 @@ stella-agent submit "$DEMO/task-stack.json" --agent "$AGENT_ID" "${OPERATOR[@]}"
     | tee "$DEMO/result-stack.json" || true
 say "http://127.0.0.1:$STACK_PORT/ (the stack's web service) serves: $(curl -fsS "http://127.0.0.1:$STACK_PORT/" || echo '(nothing)')"
 
+say "next: a deploy whose pre-deploy hook runs in a sandbox and fails; expect hook_failed and r2 untouched"
+write_task "$DEMO/task-r4-hook.json" web:v1 r4-hook
+python - "$DEMO/task-r4-hook.json" <<'EOF'
+import json, sys
+task = json.load(open(sys.argv[1]))
+task["deploy"]["hooks"] = {"pre_deploy": {"timeout": "30s", "command": [
+    "sh", "-c",
+    "echo hook as uid $(id -u), $(grep CapEff /proc/self/status);"
+    " touch /x 2>/dev/null || echo the root filesystem is read-only;"
+    " echo refusing this release >&2; exit 1"]}}
+json.dump(task, open(sys.argv[1], "w"), indent=2)
+EOF
+stella-agent submit "$DEMO/task-r4-hook.json" --agent "$AGENT_ID" "${OPERATOR[@]}" \
+    | tee "$DEMO/result-r4-hook.json" || true
+serving
+
+say "reading the version sticker that the deploys wrote"
+echo '{"type": "read-sticker", "executor": "docker", "read_sticker": {}}' >"$DEMO/task-sticker.json"
+stella-agent submit "$DEMO/task-sticker.json" --agent "$AGENT_ID" "${OPERATOR[@]}" \
+    | tee "$DEMO/result-sticker.json" || true
+
 ok=true
+grep -q '"error_type": "hook_failed"' "$DEMO/result-r4-hook.json" || ok=false
+grep -q '"release_id": "r2"' "$DEMO/result-sticker.json" || ok=false
 grep -q '"success": true' "$DEMO/result-stack.json" || ok=false
 grep -q '"success": true' "$DEMO/result-r1.json" || ok=false
 grep -q '"success": true' "$DEMO/result-r2.json" || ok=false

@@ -50,7 +50,7 @@ USER_PATTERN = re.compile(
 
 @dataclass
 class CommandResult:
-    """How a command ended, with the tails of its output."""
+    """The end state of a command, with the tails of its output."""
 
     exit_code: int | None
     """None when it was killed before it reported one."""

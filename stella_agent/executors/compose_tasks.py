@@ -57,7 +57,8 @@ from stella_agent.executors.stickers import InvalidStickerError, parse_sticker
 
 NUMBER_LABEL = "com.docker.compose.container-number"
 STATUS_ORDER = ("stopped", "unhealthy", "starting")
-"""Stack status when a container has one of these, the first one found wins."""
+"""Statuses that make a stack unhealthy, worst first. The first one that any
+container has becomes the stack's status."""
 
 _HOOK_RUNNER = SandboxHookRunner()
 
@@ -349,6 +350,7 @@ def execute_in_service(context: TaskContext, client: Any) -> Outcome:
     timeout = commands.command_timeout(context)
     if payload.on_host:
         return commands.run_host_command(context, argv, environment, timeout)
+
     if not payload.service:
         raise InvalidTaskError(
             "execute_command.service is required for the Compose executor"
@@ -361,6 +363,7 @@ def execute_in_service(context: TaskContext, client: Any) -> Outcome:
     ]
     if payload.container_name:
         candidates = [c for c in candidates if c.name == payload.container_name]
+
     running = [c for c in candidates if is_running(c)]
     if not running:
         which = payload.container_name or f"service {payload.service}"

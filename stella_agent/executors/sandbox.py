@@ -58,7 +58,7 @@ class SandboxSpec:
     role: str
     """Value of the stella.role label: hook, probe or sticker."""
     description: str
-    """What runs, for the task log and messages, e.g. "pre_deploy hook"."""
+    """Name of what runs, for the task log and messages, e.g. "pre_deploy hook"."""
     timeout_seconds: float
     environment: Mapping[str, str] = field(default_factory=dict)
     network_mode: str = "none"
@@ -71,7 +71,7 @@ class SandboxSpec:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """How a sandbox container ended."""
+    """The end state of a sandbox container."""
 
     exit_code: int
     timed_out: bool

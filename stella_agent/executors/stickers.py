@@ -1,4 +1,4 @@
-"""The version sticker: a JSON file that says what is deployed on a target.
+"""The version sticker: a JSON file that records what is deployed on a target.
 
 The JSON object has the field names of the ``VersionSticker`` message. It is
 kept in one of two places:
@@ -72,7 +72,7 @@ from stella_agent.executors.sandbox import (
 HOST = "host"
 VOLUME = "volume"
 VOLUME_MOUNT = "/var/stella"
-"""Where a sticker volume is mounted in containers."""
+"""Mount point of a sticker volume in containers."""
 DEFAULT_VOLUME_PATH = "/var/stella/version.json"
 STICKER_FILE_MODE = 0o644
 MAX_STICKER_BYTES = 1024 * 1024
@@ -92,7 +92,7 @@ class InvalidStickerError(TaskError):
 
 @dataclass(frozen=True)
 class StickerLocation:
-    """Where one sticker is kept."""
+    """The location of one sticker."""
 
     kind: str
     """HOST or VOLUME."""
