@@ -31,6 +31,7 @@ from stella_agent.executors.containers import (
     stop_container,
 )
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
+from stella_agent.executors.sandbox import remove_task_sandboxes
 from stella_agent.tasks import validate_container_name
 
 INTERRUPTED = "interrupted"
@@ -39,6 +40,7 @@ INTERRUPTED = "interrupted"
 def recover_task(context: TaskContext, client: Any, phase: str) -> Outcome:
     """Bring the target of an interrupted task back to a consistent state."""
     context.log.info("recovering after a restart during phase %s", phase or "start")
+    remove_task_sandboxes(context, client)
     if context.task.type == task_pb2.TASK_TYPE_ROLLBACK:
         return _recover_rollback(context, client, phase)
     return _recover_deploy(context, client, phase)

@@ -46,6 +46,8 @@ OUTPUT_TAIL_BYTES = 2048
 """Bytes of combined output kept for error messages."""
 READER_JOIN_SECONDS = 5.0
 """How long to wait for the output reader after the container has stopped."""
+SANDBOX_ROLES = ("hook", "probe", "sticker")
+"""Values of the stella.role label that mark sandbox containers."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,25 @@ def ensure_image(context: TaskContext, client: Any, reference: str) -> None:
         pull_image(context, client, repository, digest)
     finally:
         context.metrics.pull_duration_ms = kept_ms
+
+
+def remove_task_sandboxes(context: TaskContext, client: Any) -> None:
+    """Remove the sandbox containers a task left behind when the agent died
+    while they ran; crash recovery calls this."""
+    selector = [f"{LABEL_TASK_ID}={context.task.id}", f"{LABEL_MANAGED}=true"]
+    try:
+        containers = client.containers.list(all=True, filters={"label": selector})
+    except DOCKER_EXCEPTIONS as exc:
+        context.log.info("could not list the task's sandbox containers: %s", exc)
+        return
+    for container in containers:
+        if (container.labels or {}).get(LABEL_ROLE) not in SANDBOX_ROLES:
+            continue
+        context.log.info("removing the leftover sandbox container %s", container.name)
+        try:
+            container.remove(force=True, v=True)
+        except DOCKER_EXCEPTIONS as exc:
+            context.log.info("could not remove %s: %s", container.name, exc)
 
 
 def run_sandbox(

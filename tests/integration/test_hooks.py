@@ -6,6 +6,7 @@ default bridge.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 
 import pytest
@@ -13,6 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from stella.agent.v1 import task_pb2
 from stella_agent.logstream import STDOUT
+from tests.conftest import TEST_LABEL, TEST_RUN
 from tests.integration.task_support import (
     TaskAgent,
     deploy_task,
@@ -239,3 +241,30 @@ def test_post_deploy_hook_timeout_rolls_back(
     names = [c.name for c in docker_client.containers.list(all=True)]
     assert not [n for n in names if n.startswith(f"{container_name}-")]
     assert hook_containers(docker_client, "hto-post") == []
+
+
+def test_recovery_removes_leftover_hook(
+    agent, test_images, container_name, docker_client
+):
+    task = deploy_task(
+        "hook-crash",
+        test_images["worker:v1"],
+        container_name,
+        hooks=hooks("pre_deploy", "sleep", "60"),
+    )
+    leftover = docker_client.containers.create(
+        test_images["tools:v1"].reference,
+        command=["sleep", "60"],
+        labels={
+            "stella.managed": "true",
+            "stella.role": "hook",
+            "stella.task.id": "hook-crash",
+            TEST_LABEL: TEST_RUN,
+        },
+    )
+
+    result = asyncio.run(agent.runner.recover(task, "pre-deploy", {}, None))
+
+    assert result.error_type == "interrupted"
+    assert hook_containers(docker_client, "hook-crash") == []
+    assert leftover.id not in [c.id for c in docker_client.containers.list(all=True)]
