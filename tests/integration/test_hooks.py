@@ -127,7 +127,7 @@ def test_hook_has_no_network(tmp_path, test_images, container_name, docker_clien
     web.reload()
     address = web.attrs["NetworkSettings"]["IPAddress"]
     url = f"http://{address}:8080/"
-    # The peer answers when the network is granted, so the denial below is the
+    # The peer responds when the network is granted, so the denial below is the
     # sandbox's doing.
     open_agent = TaskAgent(
         tmp_path / "open",
