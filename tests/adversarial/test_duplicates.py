@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from stella.agent.v1 import task_pb2
 from tests.conftest import TEST_RUN
 from tests.e2e.conftest import AGENT_ID, control_client, run
 from tests.e2e.test_faults import wait_for, worker_task
@@ -98,3 +99,55 @@ def test_idempotent_repeat_during_recovery(
             all=True, filters={"name": prefix}
         ):
             container.remove(force=True, v=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a task answered shutting_down (retriable, 'send it again') during a "
+    "drain keeps its idempotency key, so sending it again with the same key "
+    "returns that stale result and never runs it",
+)
+def test_idempotent_retry_after_drain_runs(
+    pki, orchestrator, agent, test_images, container_name
+):
+    worker = test_images["worker:v1"]
+    running = worker_task("adv-drain-running", worker, container_name, settle_seconds=6)
+    waiting = worker_task(
+        "adv-drain-waiting",
+        worker,
+        container_name,
+        settle_seconds=1,
+        idempotency_key="adv-drain-key",
+    )
+    waiting.deploy.config.environment["GENERATION"] = "2"
+    retry = task_pb2.AgentTask()
+    retry.CopyFrom(waiting)
+    retry.id = "adv-drain-retry"
+
+    async def submit_both():
+        async with control_client(pki, orchestrator.address) as client:
+            await client.wait_for_agent(AGENT_ID)
+            await client.submit(AGENT_ID, running)
+            # The second task waits for the first one's target.
+            return await client.submit(AGENT_ID, waiting)
+
+    waiting_id = run(submit_both())
+    agent.wait_for_output(f"task {waiting_id} (deploy) accepted")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(60) == 0
+    agent.start()
+
+    async def collect():
+        async with control_client(pki, orchestrator.address) as client:
+            await client.wait_for_agent(AGENT_ID, timeout=30)
+            first = await client.follow(waiting_id, timeout=30)
+            second = await client.follow(
+                await client.submit(AGENT_ID, retry), timeout=120
+            )
+            return first, second
+
+    first, second = run(collect())
+
+    assert first.error_type == "shutting_down", first.error
+    assert first.retriable
+    assert second.success, second.error
