@@ -351,6 +351,7 @@ class Dispatcher:
                     started_at=now_timestamp(),
                     completed_at=now_timestamp(),
                 ),
+                state=REJECTED,
             )
             return True
         entry.context.cancel(reason)
@@ -426,11 +427,13 @@ class Dispatcher:
         )
         self._schedule()
 
-    def _complete(self, entry: TaskEntry, result: result_pb2.TaskResult) -> None:
+    def _complete(
+        self, entry: TaskEntry, result: result_pb2.TaskResult, state: str = FINISHED
+    ) -> None:
         self._audit_result(entry.task, result)
         if self.security is not None:
             self.security.forget(entry.task.id)
-        self.journal.finish(result)
+        self.journal.finish(result, state=state)
         entry.result = result
         entry.done.set()
         self._on_result(result)
@@ -469,46 +472,64 @@ class Dispatcher:
 
     # Start and stop -----------------------------------------------------------
 
+    def prepare_recovery(self) -> None:
+        """Load the journal's unfinished tasks and claim their targets.
+
+        Call it before the first stream opens: every target with a task to
+        recover is busy from then until that task's recovery ends, so a new
+        task for it waits, and a task repeating a recovering task's
+        idempotency key joins it instead of finding nothing.
+        """
+        self._to_recover = []
+        removed = self.journal.prune(self.config.tasks.idempotency_window_seconds)
+        if removed:
+            logger.info("forgot %d task(s) older than the idempotency window", removed)
+        for stored in self.journal.unfinished():
+            task = stored.task
+            key = target_key(task)
+            entry = TaskEntry(task, key)
+            self.entries[task.id] = entry
+            if stored.state == RECEIVED:
+                self._requeue(entry)
+                continue
+            self._busy_targets.add(key)
+            self._to_recover.append((entry, stored))
+
+    def _requeue(self, entry: TaskEntry) -> None:
+        task = entry.task
+        try:
+            check_expiry(task)
+            if lost_secrets(task):
+                raise TaskError(
+                    "the agent restarted before the task started, and its secret "
+                    "environment values are not kept on disk; send the task again",
+                    error_type="interrupted",
+                    retriable=True,
+                )
+        except TaskError as exc:
+            self._complete(entry, _failed(task.id, exc), state=REJECTED)
+            return
+        logger.info("task %s was accepted before a restart; queueing it again", task.id)
+        heapq.heappush(self._pending, (-task.priority, next(self._arrival), task.id))
+
     async def recover(self) -> None:
         """Finish the tasks the journal shows as unfinished after a restart.
 
         A task that never started is queued again, unless it expired. A task
         that was running is handed to its executor's recovery, which returns
-        the target to a consistent release and says what happened.
+        the target to a consistent release and reports what happened.
         """
-        for stored in self.journal.unfinished():
-            task = stored.task
-            key = target_key(task)
-            if stored.state == RECEIVED:
-                try:
-                    check_expiry(task)
-                    if lost_secrets(task):
-                        raise TaskError(
-                            "the agent restarted before the task started, and its secret "
-                            "environment values are not kept on disk; send the task again",
-                            error_type="interrupted",
-                            retriable=True,
-                        )
-                except TaskError as exc:
-                    self._complete(TaskEntry(task, key), _failed(task.id, exc))
-                    continue
-                logger.info(
-                    "task %s was accepted before a restart; queueing it again", task.id
-                )
-                entry = TaskEntry(task, key)
-                self.entries[task.id] = entry
-                heapq.heappush(
-                    self._pending, (-task.priority, next(self._arrival), task.id)
-                )
-                continue
+        if not hasattr(self, "_to_recover"):
+            self.prepare_recovery()
+        to_recover, self._to_recover = self._to_recover, []
+        self._schedule()
+        for entry, stored in to_recover:
+            task = entry.task
             logger.warning(
                 "task %s was running (phase %s) when the agent stopped; recovering",
                 task.id,
                 stored.phase or "unknown",
             )
-            entry = TaskEntry(task, key)
-            self.entries[task.id] = entry
-            self._busy_targets.add(key)
             try:
                 prepared = self._prepared_for(task)
                 result = await self.runner.recover(
@@ -522,9 +543,9 @@ class Dispatcher:
             except TaskError as exc:
                 result = _failed(task.id, exc)
             finally:
-                self._busy_targets.discard(key)
+                self._busy_targets.discard(entry.key)
             self._complete(entry, result)
-        self._schedule()
+            self._schedule()
 
     async def drain(self, grace_seconds: float) -> None:
         """Stop accepting tasks and wait up to `grace_seconds` for running ones.
@@ -536,6 +557,7 @@ class Dispatcher:
         self._accepting = False
         for _, _, task_id in list(self._pending):
             entry = self.entries[task_id]
+            # Never started: recorded as rejected, so the key stays free for a retry.
             self._complete(
                 entry,
                 _failed(
@@ -546,6 +568,7 @@ class Dispatcher:
                         retriable=True,
                     ),
                 ),
+                state=REJECTED,
             )
         self._pending.clear()
         running = list(self._running.values())

@@ -30,6 +30,7 @@ RECEIVED = "received"
 RUNNING = "running"
 FINISHED = "finished"
 REJECTED = "rejected"
+RETRIABLE = "failed_retriable"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -155,7 +156,14 @@ class Journal:
             self._db.execute("COMMIT")
 
     def finish(self, result: result_pb2.TaskResult, state: str = FINISHED) -> None:
-        """Store a task's result and put it in the outbox, in one transaction."""
+        """Store a task's result and put it in the outbox, in one transaction.
+
+        A retriable failure frees the task's idempotency key (state
+        RETRIABLE), so a retry with the same key runs instead of getting the
+        failure again; a repeat of the same task id still gets it.
+        """
+        if state == FINISHED and not result.success and result.retriable:
+            state = RETRIABLE
         blob = result.SerializeToString()
         now = time.time()
         with self._lock:
@@ -190,8 +198,9 @@ class Journal:
             row = self._db.execute(
                 "SELECT task, state, phase, notes, result, original_task_id, received_at "
                 "FROM tasks WHERE idempotency_key = ? AND original_task_id = '' "
-                "AND state != ? AND received_at >= ? ORDER BY received_at LIMIT 1",
-                (key, REJECTED, time.time() - window_seconds),
+                "AND state NOT IN (?, ?) AND received_at >= ? "
+                "ORDER BY received_at DESC LIMIT 1",
+                (key, REJECTED, RETRIABLE, time.time() - window_seconds),
             ).fetchone()
         return _row_to_task(row) if row else None
 
@@ -223,9 +232,9 @@ class Journal:
         cutoff = time.time() - window_seconds
         with self._lock:
             cursor = self._db.execute(
-                "DELETE FROM tasks WHERE state IN (?, ?) AND updated_at < ? "
+                "DELETE FROM tasks WHERE state IN (?, ?, ?) AND updated_at < ? "
                 "AND task_id NOT IN (SELECT task_id FROM outbox)",
-                (FINISHED, REJECTED, cutoff),
+                (FINISHED, REJECTED, RETRIABLE, cutoff),
             )
             return cursor.rowcount
 

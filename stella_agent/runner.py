@@ -25,7 +25,12 @@ from stella_agent.errors import (
 from stella_agent.executors.base import Executor, Outcome, TaskContext
 from stella_agent.logstream import ChunkSink, TaskLog
 from stella_agent.masking import SecretMasker, mask_result
-from stella_agent.tasks import EXECUTOR_NAMES, type_name, validate_task
+from stella_agent.tasks import (
+    EXECUTOR_NAMES,
+    MAX_TASK_TIMEOUT_SECONDS,
+    type_name,
+    validate_task,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +96,9 @@ class TaskRunner:
         on_note: Callable[[dict[str, str]], None] | None = None,
     ) -> TaskContext:
         timeout = self.config.tasks.default_timeout_seconds
-        if task.HasField("timeout") and task.timeout.ToTimedelta().total_seconds() > 0:
-            timeout = task.timeout.ToTimedelta().total_seconds()
+        requested = task.timeout.seconds + task.timeout.nanos / 1e9
+        if 0 < requested <= MAX_TASK_TIMEOUT_SECONDS:
+            timeout = requested
         context = TaskContext(
             task,
             TaskLog(task.id, sink, masker=masker),

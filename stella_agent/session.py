@@ -320,6 +320,8 @@ class AgentSession:
     async def run(self) -> None:
         """Stay connected until stop(); raise FatalConnectionError when the
         orchestrator rejects the agent."""
+        # Claim the targets of unfinished tasks before any new task can arrive.
+        self.dispatcher.prepare_recovery()
         recovery = asyncio.create_task(self.dispatcher.recover())
         watcher = asyncio.create_task(self._watch_tls())
         delay = self.config.orchestrator.reconnect_initial_seconds

@@ -58,6 +58,7 @@ REPOSITORY_PATTERN = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
 )
 MAX_TASK_ID_LENGTH = 128
+MAX_TASK_TIMEOUT_SECONDS = 7 * 86400
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -142,6 +143,13 @@ def validate_task(task: task_pb2.AgentTask) -> None:
             f"task type {type_name(task.type)} needs the '{expected_payload}' payload, "
             f"got {actual_payload or 'none'}"
         )
+    if task.HasField("timeout"):
+        seconds = task.timeout.seconds + task.timeout.nanos / 1e9
+        if not 0 <= seconds <= MAX_TASK_TIMEOUT_SECONDS:
+            raise InvalidTaskError(
+                f"timeout {seconds:g}s is invalid: use 0 (the agent's default) up to "
+                f"{MAX_TASK_TIMEOUT_SECONDS}s (7 days)"
+            )
     if task.executor not in EXECUTOR_NAMES:
         raise InvalidTaskError(
             f"unknown executor {task.executor}; expected docker or compose"

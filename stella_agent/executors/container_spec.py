@@ -55,9 +55,20 @@ LABEL_REPLACED_HEALTH = "stella.replaced.health"
 """Health of the replaced container when it was set aside: healthy, unhealthy
 or starting (see containers.health_when_replaced)."""
 
+LABEL_SECRET_ENVIRONMENT = "stella.secret-environment"
+"""Comma-separated names of the container's secret environment variables (never
+their values), so that a later task copying this container's output into its
+own log masks them."""
+
 RESTART_POLICIES = ("no", "always", "unless-stopped", "on-failure")
 DEFAULT_RESTART_POLICY = "unless-stopped"
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
+MAX_RESTART_RETRIES = 2**31 - 1
+"""Largest retry count accepted before the engine sees it (a 32-bit int)."""
+MAX_CPUS = 4096
+MAX_HEALTHCHECK_DURATION_NS = 24 * 3600 * 1_000_000_000
+"""Longest health check interval or start period accepted: a day, far below
+the int64 nanoseconds the engine stores."""
 """Smallest memory limit Docker Engine accepts since release 23 (20.10
 accepted 4 MiB)."""
 MIN_CPUS = 0.01
@@ -219,6 +230,11 @@ def parse_restart_policy(value: str) -> dict[str, Any]:
             f"config.restart_policy {value[:60]!r} is invalid: the retry count "
             "after 'on-failure:' must be a non-negative integer"
         )
+    if int(count) > MAX_RESTART_RETRIES:
+        raise InvalidTaskError(
+            f"config.restart_policy {value[:60]!r} is invalid: the retry count must be "
+            f"at most {MAX_RESTART_RETRIES}"
+        )
     return {"Name": name, "MaximumRetryCount": int(count)}
 
 
@@ -250,6 +266,10 @@ def parse_cpu_limit(value: float) -> int | None:
     if value < MIN_CPUS:
         raise InvalidTaskError(
             f"config.cpu_limit {value} is below Docker's minimum of {MIN_CPUS} CPUs"
+        )
+    if value > MAX_CPUS:
+        raise InvalidTaskError(
+            f"config.cpu_limit {value:g} is invalid: expected at most {MAX_CPUS} CPUs"
         )
     return round(value * 1e9)
 
@@ -330,11 +350,21 @@ def parse_healthcheck(health: task_pb2.HealthCheckConfig) -> dict[str, Any] | No
                 raise InvalidTaskError(
                     f"config.health_check.{name} must be at least 1ms or unset"
                 )
+            if nanoseconds > MAX_HEALTHCHECK_DURATION_NS:
+                raise InvalidTaskError(
+                    f"config.health_check.{name} {nanoseconds / 1e9:g}s is invalid: "
+                    "use at most 24h"
+                )
             if nanoseconds:
                 override[name] = nanoseconds
     if health.retries < 0:
         raise InvalidTaskError(
             f"config.health_check.retries {health.retries} is negative"
+        )
+    if health.retries > MAX_RESTART_RETRIES:
+        raise InvalidTaskError(
+            f"config.health_check.retries {health.retries} is invalid: use at most "
+            f"{MAX_RESTART_RETRIES}"
         )
     if health.retries:
         override["retries"] = health.retries

@@ -22,9 +22,11 @@ from stella_agent.executors.container_spec import (
     LABEL_DIGEST,
     LABEL_REPLACED_HEALTH,
     LABEL_REPLACED_ID,
+    LABEL_SECRET_ENVIRONMENT,
 )
 from stella_agent.executors.docker_errors import DOCKER_EXCEPTIONS, docker_error
 from stella_agent.logstream import STDERR, STDOUT
+from stella_agent.masking import SecretMasker
 
 PREVIOUS = "previous"
 FAILED = "failed"
@@ -178,8 +180,33 @@ def copy_output_to_log(context: TaskContext, container: Any, label: str) -> None
             context.log.info("could not read the output of %s: %s", label, exc)
             return
         if output:
+            output = _mask_container_secrets(container, output)
             header = f"--- last output of {label} ---\n".encode()
             context.log.write(stream, header + output.rstrip(b"\n") + b"\n")
+
+
+def _mask_container_secrets(container: Any, output: bytes) -> bytes:
+    """Mask the values of the container's own secret environment variables.
+
+    The container may belong to an earlier task, whose secrets the current
+    task's masker does not know; the names are in a label, the values in the
+    container's config.
+    """
+    names = {
+        name
+        for name in (container.labels or {})
+        .get(LABEL_SECRET_ENVIRONMENT, "")
+        .split(",")
+        if name
+    }
+    if not names:
+        return output
+    values = []
+    for entry in container.attrs.get("Config", {}).get("Env") or []:
+        name, _, value = entry.partition("=")
+        if name in names and value:
+            values.append(value)
+    return SecretMasker(values).mask_bytes(output) if values else output
 
 
 def remove_container(context: TaskContext, container: Any, label: str) -> None:

@@ -39,6 +39,7 @@ from stella_agent.executors.container_spec import (
     LABEL_REPLACED_HEALTH,
     LABEL_REPLACED_ID,
     LABEL_ROLE,
+    LABEL_SECRET_ENVIRONMENT,
     LABEL_TASK_ID,
     ContainerSpec,
     build_container_spec,
@@ -271,6 +272,7 @@ class DeployFlow:
             LABEL_TASK_ID: self.context.task.id,
             LABEL_AGENT_ID: self.context.config.agent_id,
             LABEL_CONFIG_DIGEST: spec.config_digest(),
+            LABEL_SECRET_ENVIRONMENT: ",".join(self.payload.config.secret_environment),
         }
 
     def _roll_back(self, spec: ContainerSpec, error: Exception) -> NoReturn:

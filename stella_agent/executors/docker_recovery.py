@@ -41,15 +41,19 @@ def recover_task(context: TaskContext, client: Any, phase: str) -> Outcome:
     """Bring the target of an interrupted task back to a consistent state."""
     context.log.info("recovering after a restart during phase %s", phase or "start")
     remove_task_sandboxes(context, client)
-    if context.task.type == task_pb2.TASK_TYPE_ROLLBACK:
+    rollback = context.task.rollback
+    if context.task.type == task_pb2.TASK_TYPE_ROLLBACK and not rollback.target_digest:
         return _recover_rollback(context, client, phase)
+    # A rollback to a given digest runs the deploy flow and writes its notes.
     return _recover_deploy(context, client, phase)
 
 
 def _recover_deploy(context: TaskContext, client: Any, phase: str) -> Outcome:
     notes = context.notes
     name = validate_container_name(
-        notes.get("container_name") or context.task.deploy.config.container_name
+        notes.get("container_name")
+        or context.task.deploy.config.container_name
+        or context.task.rollback.container_name
     )
     new = _find_new(context, client, name)
     previous = _get(client, notes.get("previous_container_id", ""))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from stella.agent.v1 import task_pb2
@@ -27,12 +26,6 @@ def leftovers(docker_client, name):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recovery of a rollback with target_digest reads rollback notes, but "
-    "the flow wrote deploy notes: it restores nothing, leaves the unverified "
-    "new container under the name and the old one as -previous-",
-)
 def test_target_digest_rollback_crash_restores_previous(
     pki, orchestrator, agent, test_images, container_name, docker_client
 ):
@@ -96,13 +89,6 @@ def test_target_digest_rollback_crash_restores_previous(
     assert result.rolled_back
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Dispatcher.recover marks a crashed task's target busy only when it "
-    "reaches that task, so a new task on a later-recovered target runs while "
-    "recovery of the crashed one is still pending, and the two fight over the "
-    "container",
-)
 def test_new_task_waits_for_recovery(
     pki, orchestrator, agent, test_images, docker_client
 ):

@@ -6,20 +6,12 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
-
 from stella.agent.v1 import task_pb2
 from tests.conftest import TEST_RUN
 from tests.e2e.conftest import AGENT_ID, control_client, run
 from tests.e2e.test_faults import wait_for, worker_task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task whose idempotency key belongs to a crashed task that "
-    "Dispatcher.recover has not reached yet is accepted as a duplicate, but no "
-    "result is ever sent for it",
-)
 def test_idempotent_repeat_during_recovery(
     pki, orchestrator, agent, test_images, docker_client
 ):
@@ -101,12 +93,6 @@ def test_idempotent_repeat_during_recovery(
             container.remove(force=True, v=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task answered shutting_down (retriable, 'send it again') during a "
-    "drain keeps its idempotency key, so sending it again with the same key "
-    "returns that stale result and never runs it",
-)
 def test_idempotent_retry_after_drain_runs(
     pki, orchestrator, agent, test_images, container_name
 ):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 
-import pytest
-
 from stella.agent.v1 import task_pb2
 from tests.e2e.conftest import AGENT_ID, control_client, run
 from tests.e2e.test_faults import worker_task
@@ -14,12 +12,6 @@ from tests.e2e.test_faults import worker_task
 CANARY = "adv-canary-5f0c9d2e7b41"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the rollback task copies the replaced container's output into its "
-    "log, but masks only its own secrets, so the secret_environment value the "
-    "deploy gave that container reaches the orchestrator in clear",
-)
 def test_rollback_log_masks_replaced_secrets(
     pki, orchestrator, agent, test_images, container_name
 ):

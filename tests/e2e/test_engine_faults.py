@@ -103,10 +103,11 @@ def restart_dockerd() -> None:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    client = docker.from_env()
     while True:
         try:
-            client.ping()
+            # from_env() asks the engine for its API version, so it fails too
+            # while the socket is not there yet.
+            docker.from_env().ping()
             return
         except Exception:  # noqa: BLE001 - not up yet
             assert time.monotonic() < deadline + 60, "dockerd did not come back"
