@@ -52,6 +52,7 @@ from stella_agent.errors import (
 )
 from stella_agent.executors import compose_tasks
 from stella_agent.executors.base import Outcome, TaskContext
+from stella_agent.executors.compose_recovery import recover_stack
 from stella_agent.executors.compose_runner import ComposeRunner, reserved_variable
 from stella_agent.executors.compose_stack import (
     LOCK_FILE_NAME,
@@ -62,12 +63,16 @@ from stella_agent.executors.compose_stack import (
     commit,
     promote,
     read_release,
-    restore,
     snapshot_files_directory,
     take_backup_for_rollback,
     write_snapshot,
 )
-from stella_agent.executors.compose_steps import StackSteps, disk, now_rfc3339
+from stella_agent.executors.compose_steps import (
+    StackSteps,
+    disk,
+    now_rfc3339,
+    release_outputs,
+)
 from stella_agent.executors.compose_verify import (
     ServicePlan,
     validate_expected_digests,
@@ -117,6 +122,12 @@ class ComposeExecutor:
             f"the Compose executor does not run {type_name(task_type)} tasks",
             error_type="unsupported",
         )
+
+    async def recover(self, context: TaskContext, phase: str) -> Outcome:
+        """Bring the stack of a task that an agent crash interrupted in `phase`
+        to one consistent release, using the notes the task wrote; see
+        compose_recovery."""
+        return await recover_stack(context, self._compose_runner(context), phase)
 
     def _compose_runner(self, context: TaskContext) -> ComposeRunner:
         # The runner is built on first use because it needs the configuration,
@@ -192,7 +203,7 @@ class ComposeExecutor:
         context.log.info(
             "stack %s deployed as project %s", steps.stack_name, steps.project
         )
-        outputs = _outputs(steps, record, switch, verdicts)
+        outputs = release_outputs(steps, record, switch.previous, verdicts)
         if config.HasField("sticker"):
             outputs.update(await _write_sticker(context, config.sticker, record, plans))
         return Outcome(outputs=outputs)
@@ -249,7 +260,7 @@ class ComposeExecutor:
             steps.stack_name,
             record.release_id or "(no id)",
         )
-        outputs = _outputs(steps, record, switch, verdicts)
+        outputs = release_outputs(steps, record, switch.previous, verdicts)
         if payload.config.HasField("sticker"):
             sticker = payload.config.sticker
             outputs.update(await _write_sticker(context, sticker, record, plans))
@@ -270,13 +281,22 @@ class ComposeExecutor:
         release and re-raise."""
         context = steps.context
         context.set_phase("up")
-        notes: list[str] = []
+        live = await disk(read_release, steps.paths.release_file)
+        context.note(
+            switch_to=record.key,
+            switch_to_release_id=record.release_id,
+            switch_from=live.key if live is not None else "",
+            switch_from_release_id=live.release_id if live is not None else "",
+        )
+        skipped: list[str] = []
         # NOTE: a disk error inside promote can leave the live files half
         # switched; nothing running has changed then, but no restore runs.
-        switch = await disk(promote, steps.paths, source, notes)
-        for note in notes:
-            context.log.info("%s", note)
+        switch = await disk(promote, steps.paths, source, skipped)
+        context.note(files_switched="true")
+        for line in skipped:
+            context.log.info("%s", line)
         try:
+            context.note(up_started="true")
             await steps.up(record, plans, image_ids, forward=True)
 
             context.set_phase("health")
@@ -321,19 +341,7 @@ class ComposeExecutor:
         reason = str(failure) or type(failure).__name__
         context.log.info("task failed during %s: %s", failed_phase, reason)
         try:
-            if switch.previous is None:
-                await steps.take_down(failed)
-                await disk(restore, steps.paths, switch)
-                await disk(steps.paths.version_file.unlink, True)
-                outcome = (
-                    "there was no previous release, so the failed one was taken down"
-                )
-            else:
-                await self._bring_back(steps, switch)
-                release = switch.previous.release_id or "without id"
-                outcome = (
-                    f"the previous release ({release}) was restored and is running"
-                )
+            outcome = await steps.restore_previous(switch, failed)
         except Exception as recovery_error:
             # Any exception, a bug included, ends as rollback_failed.
             if isinstance(recovery_error, TaskError):
@@ -361,20 +369,6 @@ class ComposeExecutor:
             failure.args = (failure.message,)
             failure.phase = failure.phase or failed_phase
             failure.rolled_back = switch.previous is not None
-
-    async def _bring_back(self, steps: StackSteps, switch: Switch) -> None:
-        """Restore the backup's files and bring that release up, verified."""
-        previous = switch.previous
-        assert previous is not None
-        await disk(restore, steps.paths, switch)
-        model = await steps.resolved_model(
-            steps.paths.directory, previous.environment, forward=False
-        )
-        plans = verify_model(model, previous.expected_digests)
-        image_ids = await steps.pull(plans, forward=False)
-        await steps.up(previous, plans, image_ids, forward=False)
-        await steps.wait_for_health(plans, previous, forward=False)
-        await steps.write_sticker(previous, plans)
 
 
 def validate_environment(environment: Mapping[str, str]) -> dict[str, str]:
@@ -451,25 +445,6 @@ def _release_files(
             ReleaseFile(name=name, mode=artifact.mode, sha256=artifact.sha256)
         )
     return files, records
-
-
-def _outputs(
-    steps: StackSteps,
-    record: ReleaseRecord,
-    switch: Switch,
-    verdicts: Mapping[str, str],
-) -> dict[str, str]:
-    outputs = {
-        "project_name": steps.project,
-        "deployment_directory": str(steps.paths.directory),
-        "compose_version": steps.compose_command.version,
-        "release_id": record.release_id,
-    }
-    if switch.previous is not None:
-        outputs["previous_release_id"] = switch.previous.release_id
-    for name, verdict in verdicts.items():
-        outputs[f"service.{name}"] = verdict
-    return outputs
 
 
 def _seconds(duration: Duration) -> float:

@@ -22,8 +22,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from stella_agent.errors import ComposeError, TaskCancelledError, TaskTimeoutError
 from stella_agent.logstream import STDERR, STDOUT, TaskLog
@@ -164,6 +165,7 @@ class ComposeRunner:
         cancel_event: threading.Event | None = None,
         capture_stdout: bool = False,
         description: str = "",
+        on_start: Callable[[int], None] | None = None,
     ) -> CommandResult:
         """Run ``argv + arguments`` and return its exit status and output.
 
@@ -171,7 +173,9 @@ class ComposeRunner:
         seconds (ComposeError), when the monotonic `deadline` passes
         (TaskTimeoutError) or when `cancel_event` is set (TaskCancelledError).
         A non-zero exit status is returned, not raised. `description` names
-        the command in error messages.
+        the command in error messages. `on_start` receives the process id
+        once the command runs, so that crash recovery can find the command
+        if the agent dies before it ends.
         """
         command = [*argv, *arguments]
         description = description or " ".join(command[:3])
@@ -188,6 +192,13 @@ class ComposeRunner:
             )
         except OSError as exc:
             raise ComposeError(f"cannot start {description}: {exc}") from None
+
+        if on_start is not None:
+            try:
+                on_start(process.pid)
+            except BaseException:
+                _kill_group(process)
+                raise
 
         stdout = bytearray()
         stderr_tail = bytearray()
@@ -220,6 +231,44 @@ class ComposeRunner:
             stdout=bytes(stdout),
             stderr_tail=stderr_tail.decode("utf-8", "replace"),
         )
+
+
+def process_start_time(pid: int) -> str:
+    """Return when process `pid` started, in clock ticks after boot, or "" when
+    it no longer runs.
+
+    A pid together with its start time names one process even after the pid
+    is reused. Reads ``/proc/<pid>/stat`` (Linux only); a zombie counts as
+    gone.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name in brackets may contain spaces and brackets, so the
+    # fields are counted from the last ')': state is field 3, starttime 22.
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return ""
+    return fields[19]
+
+
+def kill_orphaned_command(pid: int, start_time: str) -> bool:
+    """Kill the process group of a Compose command that an earlier agent
+    process started and return True, or return False when it has ended.
+
+    Commands run in their own session, so they outlive an agent killed with
+    SIGKILL, and an ``up`` left running would race the recovery's own
+    ``up``. Waits up to KILL_GRACE_SECONDS for the process to go (blocking).
+    """
+    if not start_time or process_start_time(pid) != start_time:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while process_start_time(pid) == start_time and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
 
 
 def _raise_if_stopped(

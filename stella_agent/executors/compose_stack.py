@@ -55,6 +55,7 @@ STACKS_DIRECTORY_NAME = "stacks"
 MAX_PROJECT_NAME_LENGTH = 63
 MAX_STACK_NAME_LENGTH = 253
 PRIVATE_DIRECTORY_MODE = 0o700
+BACKUP_TEMPORARY_NAME = "backup.tmp"
 
 
 def validate_stack_name(stack_name: str) -> str:
@@ -158,6 +159,12 @@ class ReleaseRecord:
         raw = json.loads(data)
         raw["files"] = [ReleaseFile(**item) for item in raw.get("files", [])]
         return cls(**raw)
+
+    @property
+    def key(self) -> str:
+        """Identity of this release: the id of the task that staged it and
+        when. A rollback moves a record unchanged, so the key follows it."""
+        return f"{self.task_id}@{self.deployed_at}"
 
 
 class StackStateError(TaskError):
@@ -269,15 +276,18 @@ def read_release(record_file: Path) -> ReleaseRecord | None:
 def tidy(paths: StackPaths) -> None:
     """Put back what an interrupted task left behind, before a new task starts.
 
-    A leftover staging snapshot is dropped. A leftover displaced backup means
-    a switch never finished: it becomes the backup again unless a newer
-    backup exists.
+    A leftover staging snapshot, or half-written backup, is dropped. A
+    leftover displaced backup means a switch never finished: it becomes the
+    backup again unless a newer backup exists.
     """
     shutil.rmtree(paths.staging, ignore_errors=True)
+    shutil.rmtree(paths.agent_directory / BACKUP_TEMPORARY_NAME, ignore_errors=True)
     if paths.displaced.exists():
-        if paths.backup.exists():
+        # A backup without its record was being removed when the task died.
+        if (paths.backup / "release.json").is_file():
             shutil.rmtree(paths.displaced)
         else:
+            shutil.rmtree(paths.backup, ignore_errors=True)
             os.rename(paths.displaced, paths.backup)
 
 
@@ -342,6 +352,26 @@ def restore(paths: StackPaths, switch: Switch) -> None:
         os.rename(paths.displaced, paths.backup)
 
 
+def undo_unfinished_promote(paths: StackPaths, live: ReleaseRecord | None) -> None:
+    """Put the stack back as it was before a ``promote`` that a crash
+    interrupted before the new release record went live.
+
+    ``promote`` writes the new record last, so `live` (the record still live)
+    is the release from before the switch. When the backup already contains a
+    copy of it, some live files may have been overwritten, so the copy is
+    installed again and the older backup moves back. Without a live release,
+    the files the staged release may have written are removed.
+    """
+    if live is not None:
+        backup = read_release(paths.backup / "release.json")
+        if backup is not None and backup.key == live.key:
+            restore(paths, Switch(previous=live))
+    else:
+        staged = read_release(paths.staging / "release.json")
+        _remove_live_files(paths, staged, keep=set())
+    tidy(paths)
+
+
 def commit(paths: StackPaths) -> None:
     """Drop what ``promote`` kept for ``restore``, once the switch succeeded."""
     shutil.rmtree(paths.displaced, ignore_errors=True)
@@ -360,7 +390,7 @@ def take_backup_for_rollback(paths: StackPaths) -> ReleaseRecord:
 
 def _snapshot_live(paths: StackPaths, live: ReleaseRecord, log: list[str]) -> None:
     """Copy the live release into a new backup snapshot."""
-    temporary = paths.agent_directory / "backup.tmp"
+    temporary = paths.agent_directory / BACKUP_TEMPORARY_NAME
     shutil.rmtree(temporary, ignore_errors=True)
     files = []
     for item in live.files:

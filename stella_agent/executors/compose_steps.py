@@ -41,6 +41,7 @@ from stella_agent.executors.compose_runner import (
     ComposeCommand,
     ComposeRunner,
     compose_environment,
+    process_start_time,
 )
 from stella_agent.executors.compose_stack import (
     LOCK_FILE_NAME,
@@ -49,11 +50,13 @@ from stella_agent.executors.compose_stack import (
     StackLock,
     StackPaths,
     StackStateError,
+    Switch,
     check_claim,
     claim,
     project_name_for,
     read_claim,
     resolve_stack_directory,
+    restore,
     tidy,
     validate_stack_name,
 )
@@ -65,6 +68,7 @@ from stella_agent.executors.compose_verify import (
     ensure_image,
     missing_containers,
     project_containers,
+    verify_model,
 )
 
 Result = TypeVar("Result")
@@ -99,13 +103,19 @@ class StackSteps:
         requested_directory: str,
     ) -> StackSteps:
         """Find the stack's directory and Compose, and check that the project
-        belongs to this stack. Writes nothing."""
+        belongs to this stack. Writes nothing to the stack; notes the project
+        and directory for crash recovery."""
         stack_name = validate_stack_name(stack_name)
         project = project_name_for(stack_name)
         directory = resolve_stack_directory(
             context.config, project, requested_directory
         )
         paths = StackPaths(directory)
+        context.note(
+            stack_name=stack_name,
+            project_name=project,
+            deployment_directory=str(directory),
+        )
         await disk(check_claim, paths, stack_name, project)
 
         if context.docker is None:
@@ -134,8 +144,14 @@ class StackSteps:
         return cls(context, runner, compose, stack_name, project, paths)
 
     @contextlib.asynccontextmanager
-    async def locked(self, *, create: bool) -> AsyncIterator[None]:
-        """Hold the stack's lock; with `create`, claim the directory first."""
+    async def locked(
+        self, *, create: bool, tidy_first: bool = True
+    ) -> AsyncIterator[None]:
+        """Hold the stack's lock; with `create`, claim the directory first.
+
+        With `tidy_first`, what an interrupted task left behind is put back
+        first; crash recovery passes False and reads those leftovers itself.
+        """
         paths = self.paths
         if not create and await disk(read_claim, paths) is None:
             raise NotFoundError(
@@ -146,7 +162,8 @@ class StackSteps:
         await disk(lock.acquire)
         try:
             await disk(claim, paths, self.stack_name, self.project)
-            await disk(tidy, paths)
+            if tidy_first:
+                await disk(tidy, paths)
             yield
         finally:
             lock.release()
@@ -279,6 +296,49 @@ class StackSteps:
             checkpoint=context.checkpoint if forward else _no_checkpoint,
         )
 
+    async def verify_live(
+        self, record: ReleaseRecord
+    ) -> tuple[dict[str, ServicePlan], dict[str, str]]:
+        """Check that the live release `record` runs healthy, changing nothing;
+        return its plans and each service's verdict."""
+        model = await self.resolved_model(
+            self.paths.directory, record.environment, forward=False
+        )
+        plans = verify_model(model, record.expected_digests)
+        verdicts = await self.wait_for_health(plans, record, forward=False)
+        return plans, verdicts
+
+    async def bring_up(self, record: ReleaseRecord) -> dict[str, str]:
+        """Bring the live release `record` up again, verified, and return each
+        service's verdict. A recovery step: no cancellation, no deadline."""
+        model = await self.resolved_model(
+            self.paths.directory, record.environment, forward=False
+        )
+        plans = verify_model(model, record.expected_digests)
+        image_ids = await self.pull(plans, forward=False)
+        await self.up(record, plans, image_ids, forward=False)
+        verdicts = await self.wait_for_health(plans, record, forward=False)
+        await self.write_sticker(record, plans)
+        return verdicts
+
+    async def restore_previous(self, switch: Switch, failed: ReleaseRecord) -> str:
+        """Undo `switch` after the release `failed` went live, and return a
+        sentence saying what runs now.
+
+        The backup's files go live again and that release is brought up,
+        verified. Without a previous release, the project is taken down and
+        its files are removed. Raises a TaskError when that fails.
+        """
+        if switch.previous is None:
+            await self.take_down(failed)
+            await disk(restore, self.paths, switch)
+            await disk(self.paths.version_file.unlink, True)
+            return "there was no previous release, so the failed one was taken down"
+        await disk(restore, self.paths, switch)
+        await self.bring_up(switch.previous)
+        release = switch.previous.release_id or "without id"
+        return f"the previous release ({release}) was restored and is running"
+
     async def write_sticker(
         self, record: ReleaseRecord, plans: Mapping[str, ServicePlan]
     ) -> None:
@@ -321,6 +381,12 @@ class StackSteps:
         context = self.context
         argv = self.compose_command.argv
         compose_file = directory / LOCK_FILE_NAME
+
+        def note_process(pid: int) -> None:
+            # Compose runs in its own session and outlives an agent killed
+            # with SIGKILL; recovery stops it by this pid and start time.
+            context.note(compose_pid=str(pid), compose_started=process_start_time(pid))
+
         context.log.info(
             "$ %s -p %s -f %s %s",
             " ".join(argv),
@@ -339,7 +405,28 @@ class StackSteps:
             cancel_event=context.cancel_event if forward else None,
             capture_stdout=capture_stdout,
             description=f"docker compose {arguments[0]}",
+            on_start=note_process,
         )
+
+
+def release_outputs(
+    steps: StackSteps,
+    record: ReleaseRecord,
+    previous: ReleaseRecord | None,
+    verdicts: Mapping[str, str],
+) -> dict[str, str]:
+    """Return the outputs of a deploy or rollback that made `record` live."""
+    outputs = {
+        "project_name": steps.project,
+        "deployment_directory": str(steps.paths.directory),
+        "compose_version": steps.compose_command.version,
+        "release_id": record.release_id,
+    }
+    if previous is not None:
+        outputs["previous_release_id"] = previous.release_id
+    for name, verdict in verdicts.items():
+        outputs[f"service.{name}"] = verdict
+    return outputs
 
 
 def compose_environment_of(

@@ -54,18 +54,17 @@ class Stacks:
         self.images = images
         self.compose_command = compose_command
         self.projects: set[str] = set()
-        config = config_from_mapping(
-            {
-                "agent_id": "t",
-                "state_dir": str(self.state_dir),
-                "tasks": {
-                    "health_timeout_seconds": 30,
-                    "settle_seconds": 2,
-                    "allowed_deployment_roots": [str(tmp_path / "srv")],
-                },
-                "docker": {"stop_timeout_seconds": 1},
-            }
-        )
+        self.config_mapping = {
+            "agent_id": "t",
+            "state_dir": str(self.state_dir),
+            "tasks": {
+                "health_timeout_seconds": 30,
+                "settle_seconds": 2,
+                "allowed_deployment_roots": [str(tmp_path / "srv")],
+            },
+            "docker": {"stop_timeout_seconds": 1},
+        }
+        config = config_from_mapping(self.config_mapping)
         self.runner = TaskRunner(
             config, {"compose": ComposeExecutor()}, docker.from_env
         )
