@@ -54,6 +54,42 @@ def check_expiry(task: task_pb2.AgentTask, now: float | None = None) -> None:
         )
 
 
+MAX_RESULT_BYTES = 1024 * 1024
+"""Largest serialized TaskResult the agent sends: far below the 16 MiB gRPC
+message limit of both sides, which a larger result would exceed forever,
+blocking every later message on the stream."""
+MAX_OUTPUT_VALUE_BYTES = 64 * 1024
+
+
+def fit_result(result: result_pb2.TaskResult) -> None:
+    """Truncate a result's largest texts until it fits in MAX_RESULT_BYTES."""
+    if result.ByteSize() <= MAX_RESULT_BYTES:
+        return
+    result.error = _truncate(result.error, MAX_OUTPUT_VALUE_BYTES)
+    for key in sorted(result.outputs, key=lambda k: -len(result.outputs[k])):
+        if result.ByteSize() <= MAX_RESULT_BYTES:
+            break
+        result.outputs[key] = _truncate(result.outputs[key], MAX_OUTPUT_VALUE_BYTES)
+    while result.ByteSize() > MAX_RESULT_BYTES and result.outputs:
+        largest = max(result.outputs, key=lambda k: len(result.outputs[k]))
+        del result.outputs[largest]
+        result.outputs["truncated_" + largest[:100]] = (
+            "removed: the result was too large"
+        )
+    if result.ByteSize() > MAX_RESULT_BYTES:
+        del result.artifacts[:]
+        result.logs = ""
+    result.outputs["result_truncated"] = "true"
+
+
+def _truncate(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    return f"{kept}... [{len(data) - limit} more bytes truncated]"
+
+
 class TaskRunner:
     """Builds task contexts and runs them with the right executor."""
 
@@ -222,4 +258,5 @@ class TaskRunner:
             result.outputs["log_dropped_bytes"] = str(context.log.dropped_bytes)
         result.completed_at.CopyFrom(now_timestamp())
         result.logs = context.log.tail()
+        fit_result(result)
         return result

@@ -61,6 +61,9 @@ RETRYABLE_STATUS_CODES = {
     grpc.StatusCode.ABORTED: "stream aborted",
 }
 
+MAX_AUDIT_RECORD_BYTES = 1024 * 1024
+"""Audit records larger than this stay local, so that no message comes near
+the 16 MiB gRPC limit."""
 MAX_SPOOL_BYTES = 32 * 1024 * 1024
 """Log bytes kept per agent for resending after a reconnect."""
 
@@ -587,6 +590,15 @@ class AgentSession:
         NOTE: records written while no stream is open are only in the local
         audit log; the protocol has no acknowledgement for audit records.
         """
+
+        if len(line) > MAX_AUDIT_RECORD_BYTES:
+            logger.warning(
+                "audit record of %d bytes not sent to the orchestrator (limit %d); "
+                "it is in the local audit log",
+                len(line),
+                MAX_AUDIT_RECORD_BYTES,
+            )
+            return
 
         def send() -> None:
             if self._outgoing is not None:

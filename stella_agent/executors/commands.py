@@ -102,6 +102,44 @@ def validate_environment(
     return dict(environment)
 
 
+# Variables that make the dynamic loader, a shell or an interpreter load code
+# of the caller's choosing, which would turn one allow-listed host command into
+# any command. PATH is fixed by the agent.
+HOST_ENVIRONMENT_DENIED_PREFIXES = ("LD_", "DYLD_", "GCONV_", "PYTHON", "PERL", "RUBY")
+HOST_ENVIRONMENT_DENIED = frozenset(
+    {
+        "PATH",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "MALLOC_CHECK_",
+        "GLIBC_TUNABLES",
+        "TMPDIR",
+    }
+)
+
+
+def check_host_environment(environment: Mapping[str, str]) -> None:
+    """Reject variables that would let a host command load other code."""
+    for name in environment:
+        upper = name.upper()
+        if upper in HOST_ENVIRONMENT_DENIED or upper.startswith(
+            HOST_ENVIRONMENT_DENIED_PREFIXES
+        ):
+            raise InvalidTaskError(
+                f"execute_command.environment variable {name!r} is not allowed for "
+                "host commands: it can make the command load other code; remove it"
+            )
+
+
 def execute_command(context: TaskContext, client: Any) -> Outcome:
     """Run an execute-command task of the Docker executor."""
     payload = context.task.execute_command
@@ -251,6 +289,7 @@ def run_host_command(
     timeout: float,
 ) -> Outcome:
     """Run an allowed host command without a shell and return its Outcome."""
+    check_host_environment(environment)
     payload = context.task.execute_command
     tasks = context.config.tasks
     if not tasks.allow_host_commands:

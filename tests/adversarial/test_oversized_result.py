@@ -18,11 +18,6 @@ LABEL_BYTES = 9 * 1024 * 1024
 inspect report of two such containers does not."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an inspect result over 16 MiB breaks every stream when the agent "
-    "sends it, so it and every later result is never delivered",
-)
 def test_oversized_result_blocks_later(
     pki, orchestrator, agent, test_images, container_name
 ):

@@ -54,3 +54,19 @@ def test_artifact_content_for_unknown_name_is_reported():
 
 def test_matching_artifacts_pass():
     assert _artifact_problem(compose_task(), {"compose.stella.lock.yml": b"x"}) == ""
+
+
+def test_oversized_result_is_truncated_to_fit():
+    from stella.agent.v1 import result_pb2
+    from stella_agent.runner import MAX_RESULT_BYTES, fit_result
+
+    result = result_pb2.TaskResult(
+        task_id="t", outputs={"report": "x" * (20 * 1024 * 1024), "status": "ok"}
+    )
+
+    fit_result(result)
+
+    assert result.ByteSize() <= MAX_RESULT_BYTES
+    assert result.outputs["status"] == "ok"
+    assert result.outputs["result_truncated"] == "true"
+    assert "more bytes truncated" in result.outputs["report"]
