@@ -45,7 +45,9 @@ def test_agent_directory_link_not_followed(stacks, tmp_path):  # noqa: F811
 
     result = stacks.run(task)
 
-    assert foreign_file.exists(), f"{foreign_file} was deleted; task result: {result.error!r}"
+    assert foreign_file.exists(), (
+        f"{foreign_file} was deleted; task result: {result.error!r}"
+    )
     assert sorted(os.listdir(outside)) == ["staging"]
     if not result.success:
         assert ".stella" in result.error, result.error
