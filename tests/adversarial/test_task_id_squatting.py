@@ -1,7 +1,7 @@
 """An agent may send results only for its own tasks. The reference
 orchestrator creates a record for a result whose task id it never saw (a task
 submitted before the orchestrator restarted), so it must not let that record
-block or answer a task that an operator later submits for another agent."""
+block or supply the result of a task that an operator later submits for another agent."""
 
 from __future__ import annotations
 
