@@ -17,7 +17,8 @@ A deploy reads as the steps below, each a short block of ``_deploy``:
 Nothing running is touched before step 6. A failure in step 6 restores the
 backup and brings it up again, verified, or takes the project down when there
 was no previous release. A rollback task promotes the backup with the same
-switch, so the release it replaces becomes the new backup.
+switch, so the release it replaces becomes the new backup. After an agent
+crash, ``recover`` (see ``compose_recovery``) finishes or undoes the switch.
 
 The task's ``DeployConfig.environment`` becomes the environment of the Compose
 commands. Services receive a value byte for byte through a bare key

@@ -129,7 +129,9 @@ async def _recover_switch(steps: StackSteps, phase: str) -> Outcome:
                     f"the previous release ({release}) was restored and is running"
                 )
             else:
-                outcome = await steps.restore_previous(switch, live)
+                outcome = await steps.restore_previous(
+                    switch, live, take_down_first=True
+                )
         except TaskError as exc:
             raise _restore_failed(phase, exc) from None
         context.log.info("%s", outcome)
@@ -210,7 +212,7 @@ async def _ensure_running(steps: StackSteps, live: ReleaseRecord, phase: str) ->
                 "the previous release is not healthy (%s); bringing it up again",
                 exc.message,
             )
-    await steps.bring_up(live)
+    await steps.bring_up(live, take_down_first=True)
 
 
 async def _backup_of(paths: StackPaths, replaced: str) -> ReleaseRecord | None:

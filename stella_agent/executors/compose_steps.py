@@ -308,9 +308,19 @@ class StackSteps:
         verdicts = await self.wait_for_health(plans, record, forward=False)
         return plans, verdicts
 
-    async def bring_up(self, record: ReleaseRecord) -> dict[str, str]:
+    async def bring_up(
+        self, record: ReleaseRecord, *, take_down_first: bool = False
+    ) -> dict[str, str]:
         """Bring the live release `record` up again, verified, and return each
-        service's verdict. A recovery step: no cancellation, no deadline."""
+        service's verdict. A recovery step: no cancellation, no deadline.
+
+        With `take_down_first`, the project is taken down before ``up``. Crash
+        recovery needs it because a killed ``up`` can leave containers under
+        temporary names (``<id>_<name>``), and a later ``up`` fails on them
+        with a name conflict (seen with Compose 2.40.3).
+        """
+        if take_down_first:
+            await self.take_down(record)
         model = await self.resolved_model(
             self.paths.directory, record.environment, forward=False
         )
@@ -321,13 +331,16 @@ class StackSteps:
         await self.write_sticker(record, plans)
         return verdicts
 
-    async def restore_previous(self, switch: Switch, failed: ReleaseRecord) -> str:
+    async def restore_previous(
+        self, switch: Switch, failed: ReleaseRecord, *, take_down_first: bool = False
+    ) -> str:
         """Undo `switch` after the release `failed` went live, and return a
         sentence saying what runs now.
 
         The backup's files go live again and that release is brought up,
         verified. Without a previous release, the project is taken down and
         its files are removed. Raises a TaskError when that fails.
+        `take_down_first` is passed to ``bring_up``.
         """
         if switch.previous is None:
             await self.take_down(failed)
@@ -335,7 +348,7 @@ class StackSteps:
             await disk(self.paths.version_file.unlink, True)
             return "there was no previous release, so the failed one was taken down"
         await disk(restore, self.paths, switch)
-        await self.bring_up(switch.previous)
+        await self.bring_up(switch.previous, take_down_first=take_down_first)
         release = switch.previous.release_id or "without id"
         return f"the previous release ({release}) was restored and is running"
 
