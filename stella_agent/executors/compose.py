@@ -181,7 +181,7 @@ class ComposeExecutor:
             try:
                 context.set_phase("verify")
                 files_directory = snapshot_files_directory(staging)
-                model = await steps.resolved_model(files_directory, environment)
+                model = await steps.resolved_model(files_directory, record)
                 plans = verify_model(model, expected)
                 context.checkpoint()
 
@@ -240,7 +240,7 @@ class ComposeExecutor:
             context.set_phase("verify")
             files_directory = snapshot_files_directory(paths.backup)
             try:
-                model = await steps.resolved_model(files_directory, record.environment)
+                model = await steps.resolved_model(files_directory, record)
                 plans = verify_model(model, record.expected_digests)
             except InvalidTaskError as exc:
                 raise RollbackFailedError(
@@ -307,10 +307,12 @@ class ComposeExecutor:
             context.metrics.health_check_duration_ms = int(elapsed * 1000)
 
             # Once the release is healthy; its failure rolls back like a
-            # failed health check.
+            # failed health check. The hook gets the snapshot's copy of the
+            # release files, not the live directory, because .stella/ there
+            # holds the previous release's environment.
             if hooks is not None:
                 await compose_tasks.run_hook(
-                    context, hooks, "post_deploy", steps.paths.directory
+                    context, hooks, "post_deploy", snapshot_files_directory(source)
                 )
                 context.checkpoint()
 

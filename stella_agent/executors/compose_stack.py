@@ -48,6 +48,9 @@ from stella_agent.errors import InvalidTaskError, TaskError
 
 LOCK_FILE_NAME = "compose.stella.lock.yml"
 VERSION_FILE_NAME = "version.json"
+ENV_FILE_NAME = ".env"
+"""The environment file Compose reads by default; the agent passes it with
+``--env-file`` only when the release lists it."""
 AGENT_DIRECTORY_NAME = ".stella"
 RESERVED_NAMES = (LOCK_FILE_NAME, VERSION_FILE_NAME, AGENT_DIRECTORY_NAME)
 """Top-level names a config artifact may not take."""

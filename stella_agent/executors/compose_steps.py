@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stella_agent.errors import (
     ComposeError,
+    DigestMismatchError,
     DockerError,
     InvalidTaskError,
     NotFoundError,
@@ -44,6 +45,7 @@ from stella_agent.executors.compose_runner import (
     process_start_time,
 )
 from stella_agent.executors.compose_stack import (
+    ENV_FILE_NAME,
     LOCK_FILE_NAME,
     PRIVATE_DIRECTORY_MODE,
     ReleaseRecord,
@@ -171,7 +173,7 @@ class StackSteps:
     async def resolved_model(
         self,
         files_directory: Path,
-        environment: Mapping[str, str],
+        record: ReleaseRecord,
         *,
         forward: bool = True,
     ) -> dict[str, Any]:
@@ -179,7 +181,7 @@ class StackSteps:
         result = await self.compose(
             ["config", "--format", "json"],
             files_directory,
-            environment,
+            record,
             forward=forward,
             capture_stdout=True,
         )
@@ -191,6 +193,13 @@ class StackSteps:
         try:
             model = json.loads(result.stdout)
         except ValueError as exc:
+            # Compose 2.40.3 exits 0 with nothing on stdout for some invalid
+            # files (an invalid port, say) and names the problem on stderr.
+            if result.stderr_tail.strip():
+                raise InvalidTaskError(
+                    "docker compose config rejected the lock file: "
+                    f"{stderr_summary(result)}"
+                ) from None
             raise ComposeError(
                 f"docker compose config printed invalid JSON: {exc}"
             ) from None
@@ -230,7 +239,20 @@ class StackSteps:
         *,
         forward: bool,
     ) -> None:
-        """Run ``up``, check that it created every container, and check their images."""
+        """Check the live model, run ``up``, check that it created every
+        container, and check their images."""
+        # The live directory is resolved again and must give the plans that
+        # were verified, because a file that only the live directory has
+        # would otherwise change what ``up`` runs.
+        live_model = await self.resolved_model(
+            self.paths.directory, record, forward=forward
+        )
+        live_plans = verify_model(live_model, record.expected_digests)
+        if live_plans != dict(plans):
+            raise DigestMismatchError(
+                f"the release resolves differently in {self.paths.directory} than "
+                "when it was verified (possible tampering); up was not run"
+            )
         arguments = [
             "up",
             "--detach",
@@ -301,9 +323,7 @@ class StackSteps:
     ) -> tuple[dict[str, ServicePlan], dict[str, str]]:
         """Check that the live release `record` runs healthy, changing nothing;
         return its plans and each service's verdict."""
-        model = await self.resolved_model(
-            self.paths.directory, record.environment, forward=False
-        )
+        model = await self.resolved_model(self.paths.directory, record, forward=False)
         plans = verify_model(model, record.expected_digests)
         verdicts = await self.wait_for_health(plans, record, forward=False)
         return plans, verdicts
@@ -321,9 +341,7 @@ class StackSteps:
         """
         if take_down_first:
             await self.take_down(record)
-        model = await self.resolved_model(
-            self.paths.directory, record.environment, forward=False
-        )
+        model = await self.resolved_model(self.paths.directory, record, forward=False)
         plans = verify_model(model, record.expected_digests)
         image_ids = await self.pull(plans, forward=False)
         await self.up(record, plans, image_ids, forward=False)
@@ -373,7 +391,7 @@ class StackSteps:
         """Run a Compose command in the deployment directory and raise on a
         non-zero exit status."""
         result = await self.compose(
-            arguments, self.paths.directory, record.environment, forward=forward
+            arguments, self.paths.directory, record, forward=forward
         )
         if result.returncode != 0:
             raise ComposeError(
@@ -385,33 +403,46 @@ class StackSteps:
         self,
         arguments: list[str],
         directory: Path,
-        environment: Mapping[str, str],
+        record: ReleaseRecord,
         *,
         forward: bool,
         capture_stdout: bool = False,
     ) -> CommandResult:
-        """Run one Compose command on the project, with the lock file in `directory`."""
+        """Run one Compose command on the project, with the lock file in `directory`.
+
+        Compose gets its project directory, lock file and environment file
+        explicitly, so it reads the same inputs in the staging snapshot and
+        in the live directory: the release's own ``.env`` when the release
+        lists one, else an empty one.
+        """
         context = self.context
         argv = self.compose_command.argv
         compose_file = directory / LOCK_FILE_NAME
+        env_file = os.devnull
+        if any(item.name == ENV_FILE_NAME for item in record.files):
+            env_file = str(directory / ENV_FILE_NAME)
+        options = [
+            "--project-name",
+            self.project,
+            "--project-directory",
+            str(directory),
+            "--file",
+            str(compose_file),
+            "--env-file",
+            env_file,
+        ]
 
         def note_process(pid: int) -> None:
             # Compose runs in its own session and outlives an agent killed
             # with SIGKILL; recovery stops it by this pid and start time.
             context.note(compose_pid=str(pid), compose_started=process_start_time(pid))
 
-        context.log.info(
-            "$ %s -p %s -f %s %s",
-            " ".join(argv),
-            self.project,
-            compose_file,
-            " ".join(arguments),
-        )
+        context.log.info("$ %s %s", " ".join((*argv, *options)), " ".join(arguments))
         return await self.runner.run(
             argv,
-            ["--project-name", self.project, "--file", str(compose_file), *arguments],
+            [*options, *arguments],
             cwd=str(directory),
-            environment=compose_environment_of(context, environment),
+            environment=compose_environment_of(context, record.environment),
             log=context.log,
             timeout=context.config.compose.command_timeout_seconds,
             deadline=context.deadline if forward else None,

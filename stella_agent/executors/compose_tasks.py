@@ -19,8 +19,9 @@ the Compose binary nor the lock file:
   location, not a stack.
 
 Hooks of a Compose deploy run in the sandbox of ``hooks`` with the release's
-files mounted read-only at /deploy: the staged files for the pre-deploy hook,
-the live deployment directory for the post-deploy hook.
+files mounted read-only at /deploy. Both hooks get the staging snapshot's
+copy, never the live deployment directory, whose ``.stella/`` holds the
+environment of earlier releases.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ pinned by digest: the hook's own ``image`` or the agent's ``hooks.image``. It
 gets no network unless the hook sets ``network`` and the agent's
 ``hooks.allow_network`` is true; a hook that asks for the network when the
 policy forbids it is rejected before the deploy starts. For a Compose deploy
-the deployment directory is mounted read-only at /deploy, which is also the
+the release's files are mounted read-only at /deploy, which is also the
 working directory.
 
 A hook fails when it exits non-zero, is killed for lack of memory, or runs

@@ -19,12 +19,6 @@ from tests.integration.test_compose_executor import (  # noqa: F401
 pytestmark = [pytest.mark.docker, pytest.mark.compose]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="up reads a .env in the live deployment directory that the verified "
-    "staging snapshot did not have, so an unverified image is started before "
-    "check_running_images notices",
-)
 def test_live_env_file_changes_image(stacks, docker_client):  # noqa: F811
     name = new_stack_name()
     project = project_name_for(name)
