@@ -12,11 +12,6 @@ from tests.integration.test_compose_executor import (  # noqa: F401
 pytestmark = [pytest.mark.docker, pytest.mark.compose]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Compose 2.40.3 reports an invalid port on stderr, exits 0 and "
-    "prints nothing, and the result only says that config printed invalid JSON",
-)
 def test_invalid_port_named_in_error(stacks):  # noqa: F811
     lock = stacks.lock(
         {"worker": {"image": stacks.image("worker:v1"), "ports": ["not-a-port"]}}
