@@ -54,7 +54,8 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"task id {task.id[:80]!r} is invalid: use letters, digits, '.', '_', ':' or '-'",
             )
-        if task.id in self.state.tasks:
+        existing = self.state.tasks.get(task.id)
+        if existing is not None and not existing.orphan:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"task {task.id} was already submitted"
             )

@@ -36,10 +36,15 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
     """Serves Connect and FetchArtifact to agents."""
 
     def __init__(
-        self, state: OrchestratorState, heartbeat_interval: float = 10.0
+        self,
+        state: OrchestratorState,
+        heartbeat_interval: float = 10.0,
+        operator_identities: frozenset[str] = frozenset(),
     ) -> None:
         self.state = state
         self.heartbeat_interval = heartbeat_interval
+        self.operator_identities = operator_identities
+        """Identities that may use ControlService; they may not act as agents."""
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802
         identity = peer_identity(context.auth_context())
@@ -47,6 +52,12 @@ class AgentGatewayServicer(gateway_pb2_grpc.AgentGatewayServicer):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a client certificate with exactly one common name is required",
+            )
+
+        if identity in self.operator_identities:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate identity {identity!r} is an operator, not an agent",
             )
 
         # The first message must be a Hello from the certificate's owner.

@@ -106,7 +106,12 @@ class Orchestrator:
 
         server = grpc.aio.server(options=SERVER_OPTIONS)
         gateway_pb2_grpc.add_AgentGatewayServicer_to_server(
-            AgentGatewayServicer(self.state, self.config.heartbeat_interval), server
+            AgentGatewayServicer(
+                self.state,
+                self.config.heartbeat_interval,
+                self.config.operator_identities,
+            ),
+            server,
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(
             ControlServicer(

@@ -47,6 +47,9 @@ class TaskRecord:
     result: result_pb2.TaskResult | None = None
     artifacts: dict[str, bytes] = field(default_factory=dict)
     signed: gateway_pb2.SignedTask | None = None
+    orphan: bool = False
+    """Created from an agent's message for a task this process never queued
+    (it was submitted before a restart); a submit of the same id replaces it."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -130,7 +133,7 @@ class OrchestratorState:
         process never saw (it was submitted before a restart)."""
         record = self.tasks.get(task_id)
         if record is None:
-            record = TaskRecord(task_id, agent_id, None, status=SENT)
+            record = TaskRecord(task_id, agent_id, None, status=SENT, orphan=True)
             self.tasks[task_id] = record
         return record
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import pytest
 
 from stella.agent.v1 import (
     control_pb2,
@@ -33,12 +32,6 @@ def channel(pki, name: str, address: str) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(address, credentials)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a result from other-agent for an unknown task id creates a record "
-    "it owns, so the operator's later task with that id is rejected as "
-    "ALREADY_EXISTS and WatchTask returns the forged result",
-)
 def test_foreign_result_claims_task_id(pki, orchestrator):
     async def scenario():
         async with channel(pki, "agent-other-agent", orchestrator.address) as agent:

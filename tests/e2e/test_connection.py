@@ -202,3 +202,29 @@ def test_agent_certificate_cannot_use_control_service(pki, orchestrator):
 
     assert "PERMISSION_DENIED" in message
     assert "not an operator" in message
+
+
+def test_operator_certificate_cannot_connect_as_agent(pki, orchestrator):
+    tls = read_tls_files(
+        str(pki / "ca.crt"), str(pki / "operator.crt"), str(pki / "operator.key")
+    )
+
+    async def scenario():
+        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        async with grpc.aio.secure_channel(
+            orchestrator.address, credentials
+        ) as channel:
+            call = gateway_pb2_grpc.AgentGatewayStub(channel).Connect()
+            await call.write(
+                gateway_pb2.ConnectRequest(
+                    hello=gateway_pb2.Hello(agent_id="stella-operator")
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+            return raised.value
+
+    error = run(scenario())
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "is an operator, not an agent" in error.details()
