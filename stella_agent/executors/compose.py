@@ -56,6 +56,7 @@ from stella_agent.executors.base import Outcome, TaskContext
 from stella_agent.executors.compose_recovery import recover_stack
 from stella_agent.executors.compose_runner import ComposeRunner, reserved_variable
 from stella_agent.executors.compose_stack import (
+    AGENT_DIRECTORY_NAME,
     LOCK_FILE_NAME,
     RESERVED_NAMES,
     ReleaseFile,
@@ -426,11 +427,18 @@ def _check_release_layout(references: Sequence[task_pb2.ArtifactReference]) -> N
         )
     for reference in references:
         validate_artifact_name(reference.name)
-        top = reference.name.split("/", 1)[0]
-        if reference.type != "compose_lock" and top in RESERVED_NAMES:
+        parts = reference.name.split("/")
+        if reference.type != "compose_lock" and parts[0] in RESERVED_NAMES:
             raise InvalidTaskError(
                 f"config artifact name {reference.name!r} is reserved by the agent; "
                 f"choose a name outside {', '.join(RESERVED_NAMES)}"
+            )
+        # A .stella directory further down may be another stack's.
+        if AGENT_DIRECTORY_NAME in parts:
+            raise InvalidTaskError(
+                f"config artifact name {reference.name!r} contains a "
+                f"{AGENT_DIRECTORY_NAME} directory, which the agent keeps for "
+                "itself; rename it"
             )
 
 

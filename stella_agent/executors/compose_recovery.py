@@ -44,6 +44,7 @@ from stella_agent.executors.compose_stack import (
     StackPaths,
     StackStateError,
     Switch,
+    check_agent_directories,
     commit,
     project_name_for,
     read_release,
@@ -245,6 +246,7 @@ async def _tidy_untouched(
             return  # invalid task: it never got as far as the disk
         directory = str(path)
     paths = StackPaths(Path(directory))
+    await disk(check_agent_directories, paths)
     if not await disk(paths.agent_directory.is_dir):
         return
     lock = StackLock(paths)

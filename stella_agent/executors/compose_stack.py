@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -197,10 +198,53 @@ def snapshot_files_directory(snapshot: Path) -> Path:
     return snapshot / "files"
 
 
+def check_agent_directories(paths: StackPaths) -> None:
+    """Raise StackStateError when the deployment directory, ``.stella/`` or a
+    snapshot directory in it is a symbolic link or not a directory.
+
+    Anyone who can write the deployment directory (a service with it
+    bind-mounted) could plant such a link to make the agent write or delete
+    outside the directory. Missing directories pass, because the agent
+    creates them. NOTE: a link planted between this check and a later use
+    of a directory is still followed, except by the reads and the lock that
+    open their final component with O_NOFOLLOW.
+    """
+    directories = [paths.directory, paths.agent_directory]
+    for snapshot in (
+        paths.staging,
+        paths.backup,
+        paths.displaced,
+        paths.agent_directory / BACKUP_TEMPORARY_NAME,
+    ):
+        directories += [snapshot, snapshot_files_directory(snapshot)]
+    for directory in directories:
+        try:
+            info = os.lstat(directory)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise StackStateError(
+                f"{directory} is a symbolic link, which the agent does not follow "
+                "in a stack's own directories; remove the link and send the task "
+                "again"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise StackStateError(
+                f"{directory} is not a directory; remove it and send the task again"
+            )
+
+
+def read_file_no_follow(path: Path) -> bytes:
+    """Read `path`, raising OSError (ELOOP) when it is a symbolic link."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        return file.read()
+
+
 def read_claim(paths: StackPaths) -> str | None:
     """Return the stack name that claimed this directory, if any."""
     try:
-        data = json.loads(paths.claim_file.read_bytes())
+        data = json.loads(read_file_no_follow(paths.claim_file))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -224,8 +268,10 @@ def check_claim(paths: StackPaths, stack_name: str, project_name: str) -> None:
 
 def claim(paths: StackPaths, stack_name: str, project_name: str) -> None:
     """Create the stack directory and record which stack owns it."""
+    check_agent_directories(paths)
     paths.directory.mkdir(parents=True, exist_ok=True)
     paths.agent_directory.mkdir(mode=PRIVATE_DIRECTORY_MODE, exist_ok=True)
+    check_agent_directories(paths)
     check_claim(paths, stack_name, project_name)
     if read_claim(paths) is None:
         body = json.dumps(
@@ -242,7 +288,8 @@ class StackLock:
         self._descriptor: int | None = None
 
     def acquire(self) -> None:
-        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        descriptor = os.open(self._path, flags, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -267,7 +314,7 @@ class StackLock:
 def read_release(record_file: Path) -> ReleaseRecord | None:
     """Read a release record, or return None when there is none."""
     try:
-        return ReleaseRecord.from_json(record_file.read_bytes())
+        return ReleaseRecord.from_json(read_file_no_follow(record_file))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as exc:
@@ -283,6 +330,7 @@ def tidy(paths: StackPaths) -> None:
     leftover displaced backup means a switch never finished: it becomes the
     backup again unless a newer backup exists.
     """
+    check_agent_directories(paths)
     shutil.rmtree(paths.staging, ignore_errors=True)
     shutil.rmtree(paths.agent_directory / BACKUP_TEMPORARY_NAME, ignore_errors=True)
     if paths.displaced.exists():

@@ -36,6 +36,10 @@ from stella_agent.errors import (
     NotFoundError,
 )
 from stella_agent.executors.base import TaskContext
+from stella_agent.executors.compose_directories import (
+    check_stack_directory,
+    register_stack_directory,
+)
 from stella_agent.executors.compose_health import read_project_states, wait_for_health
 from stella_agent.executors.compose_runner import (
     CommandResult,
@@ -53,6 +57,7 @@ from stella_agent.executors.compose_stack import (
     StackPaths,
     StackStateError,
     Switch,
+    check_agent_directories,
     check_claim,
     claim,
     project_name_for,
@@ -118,6 +123,8 @@ class StackSteps:
             project_name=project,
             deployment_directory=str(directory),
         )
+        await disk(check_stack_directory, context.config, stack_name, directory)
+        await disk(check_agent_directories, paths)
         await disk(check_claim, paths, stack_name, project)
 
         if context.docker is None:
@@ -159,7 +166,16 @@ class StackSteps:
             raise NotFoundError(
                 f"stack {self.stack_name!r} was never deployed in {paths.directory}"
             )
+        if create:
+            await disk(
+                register_stack_directory,
+                self.context.config,
+                self.stack_name,
+                paths.directory,
+            )
+        await disk(check_agent_directories, paths)
         await disk(paths.agent_directory.mkdir, PRIVATE_DIRECTORY_MODE, True, True)
+        await disk(check_agent_directories, paths)
         lock = StackLock(paths)
         await disk(lock.acquire)
         try:

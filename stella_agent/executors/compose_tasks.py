@@ -37,6 +37,7 @@ from stella_agent.executors import commands, files, stickers
 from stella_agent.executors.base import Outcome, TaskContext
 from stella_agent.executors.compose_stack import (
     StackPaths,
+    check_agent_directories,
     project_name_for,
     read_release,
     resolve_stack_directory,
@@ -266,6 +267,7 @@ def inspect_stack(context: TaskContext, client: Any) -> Outcome:
         context.config, project, payload.deployment_directory
     )
     paths = StackPaths(directory)
+    check_agent_directories(paths)
 
     context.set_phase("inspect")
     try:
