@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser(
         "verify", help="detect edited, deleted or reordered audit records"
     )
-    verify.add_argument("--config", help="agent config whose state_dir holds audit.log")
+    verify.add_argument(
+        "--config", help="agent config whose state_dir contains audit.log"
+    )
     verify.add_argument("--file", help="audit log file to verify")
     verify.set_defaults(func=cmd_audit_verify)
 

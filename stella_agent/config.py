@@ -1,7 +1,7 @@
 """Agent configuration: a YAML file turned into frozen, validated records.
 
 Every key is checked on load; an error names the key by its dotted path and
-says what is expected. Unknown keys are errors too, because a misspelt key that
+states what is expected. Unknown keys are errors too, because a misspelt key that
 is silently ignored is worse than a failed start. Environment variables named
 ``STELLA_AGENT_<SECTION>_<KEY>`` (or ``STELLA_AGENT_<KEY>`` for top-level keys)
 override file values, which suits containers and systemd units.

@@ -10,7 +10,8 @@ The dispatcher owns every task the agent receives:
   runs);
 - it runs tasks by priority, then arrival, at most ``tasks.max_concurrent`` at
   a time, and never two on the same target (container name or Compose stack)
-  at once: the second waits, or is rejected as busy when the policy says so;
+  at once: the second waits, or is rejected as busy when ``tasks.busy_policy``
+  is ``reject``;
 - on start it finishes the tasks the journal shows as unfinished, through the
   executors' crash recovery;
 - on drain it stops accepting and lets running tasks finish within a grace
@@ -44,7 +45,7 @@ from stella_agent.audit import (
 from stella_agent.errors import InvalidTaskError, TaskError
 from stella_agent.executors.base import TaskContext
 from stella_agent.executors.compose_stack import project_name_for
-from stella_agent.journal import FINISHED, RECEIVED, REJECTED, Journal
+from stella_agent.journal import FINISHED, RECEIVED, REJECTED, Journal, JournalTask
 from stella_agent.logstream import ChunkSink
 from stella_agent.masking import SecretMasker
 from stella_agent.runner import TaskRunner, check_expiry, now_timestamp
@@ -94,7 +95,7 @@ def target_key(task: task_pb2.AgentTask) -> str:
 
 @dataclass
 class TaskEntry:
-    """A task the dispatcher holds in memory while it is pending or running."""
+    """A task kept in memory while it is pending or running."""
 
     task: task_pb2.AgentTask
     key: str
@@ -130,6 +131,8 @@ class Dispatcher:
         self._running: dict[str, asyncio.Task] = {}
         self._arrival = itertools.count()
         self._accepting = True
+        self._to_recover: list[tuple[TaskEntry, JournalTask]] | None = None
+        """Running tasks found by prepare_recovery, until recover() takes them."""
 
     # Queries ------------------------------------------------------------------
 
@@ -216,7 +219,7 @@ class Dispatcher:
         return True
 
     def _answer_known_idempotency_key(self, task: task_pb2.AgentTask, key: str) -> bool:
-        """Answer a task whose idempotency key an earlier task used."""
+        """Respond to a task whose idempotency key an earlier task used."""
         if not task.idempotency_key:
             return False
         window = self.config.tasks.idempotency_window_seconds
@@ -519,7 +522,7 @@ class Dispatcher:
         that was running is handed to its executor's recovery, which returns
         the target to a consistent release and reports what happened.
         """
-        if not hasattr(self, "_to_recover"):
+        if self._to_recover is None:
             self.prepare_recovery()
         to_recover, self._to_recover = self._to_recover, []
         self._schedule()
@@ -550,7 +553,7 @@ class Dispatcher:
     async def drain(self, grace_seconds: float) -> None:
         """Stop accepting tasks and wait up to `grace_seconds` for running ones.
 
-        Tasks still pending are answered as not run (retriable). Tasks still
+        Tasks still pending get a retriable `shutting_down` result without running. Tasks still
         running after the grace period stay in the journal and are recovered
         on the next start.
         """

@@ -5,7 +5,7 @@ The journal is what lets the agent keep its promises across crashes:
 - every task is recorded before the agent accepts it, with its state and the
   phase it is in, plus notes an executor writes before a risky step (which
   container it renamed, which one it created), so that recovery after a crash
-  knows what to undo;
+  can find what to undo;
 - results wait in an outbox until the orchestrator acknowledges them;
 - idempotency keys map to the first task that used them, for a configured
   window, so that a repeated task is answered instead of run again.

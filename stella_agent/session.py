@@ -145,8 +145,8 @@ class LogSpool:
     Executors offer chunks from worker threads, so every method takes the
     lock. Chunks are sent in the order they were offered. Sent chunks stay
     until their space is needed, because a stream can break after a write
-    returned but before the orchestrator stored the chunk; Welcome then says
-    from where to resend. When even evicting every sent chunk leaves no room,
+    returned but before the orchestrator stored the chunk. Welcome then gives
+    the position to resend from. When even evicting every sent chunk leaves no room,
     the offered chunk is dropped and the TaskLog reports the gap on its next
     chunk.
     """

@@ -64,10 +64,11 @@ RESTART_POLICIES = ("no", "always", "unless-stopped", "on-failure")
 DEFAULT_RESTART_POLICY = "unless-stopped"
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
 MAX_RESTART_RETRIES = 2**31 - 1
-"""Largest retry count accepted before the engine sees it (a 32-bit int)."""
+"""Maximum retry count accepted, the largest 32-bit signed integer, so the
+engine never receives a count it cannot store."""
 MAX_CPUS = 4096
 MAX_HEALTHCHECK_DURATION_NS = 24 * 3600 * 1_000_000_000
-"""Longest health check interval or start period accepted: a day, far below
+"""Maximum health check interval or start period accepted: a day, far below
 the int64 nanoseconds the engine stores."""
 """Smallest memory limit Docker Engine accepts since release 23 (20.10
 accepted 4 MiB)."""

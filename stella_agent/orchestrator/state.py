@@ -36,7 +36,7 @@ def _now() -> Timestamp:
 
 @dataclass
 class TaskRecord:
-    """One task as the orchestrator sees it."""
+    """State of one task in the orchestrator."""
 
     task_id: str
     agent_id: str

@@ -74,7 +74,7 @@ def test_malformed_task_gets_result_and_agent_keeps_serving(pki, orchestrator, a
 
 
 def test_hello_with_foreign_agent_id_is_rejected(pki, orchestrator):
-    # The certificate says e2e-agent; the Hello claims other-agent.
+    # The certificate names e2e-agent, but the Hello claims other-agent.
     tls = read_tls_files(
         str(pki / "ca.crt"),
         str(pki / f"agent-{AGENT_ID}.crt"),
@@ -141,7 +141,7 @@ def test_agent_with_wrong_ca_reports_cause_and_retries(pki, orchestrator, tmp_pa
 
 
 def test_grpcurl_lists_services_by_reflection(pki, orchestrator):
-    # The venv's bin/ holds grpcurl; it may not be on PATH when pytest runs
+    # The venv's bin/ contains grpcurl, which may not be on PATH when pytest runs
     # from the venv's interpreter directly.
     grpcurl = shutil.which("grpcurl") or shutil.which(
         "grpcurl", path=str(Path(sys.executable).parent)
@@ -217,7 +217,7 @@ def test_operator_certificate_cannot_connect_as_agent(pki, orchestrator):
         ) as channel:
             call = gateway_pb2_grpc.AgentGatewayStub(channel).Connect()
             # The orchestrator rejects the stream before reading anything, so
-            # the write may already fail; the call's status says why.
+            # the write may already fail. The call's status gives the reason.
             try:
                 await call.write(
                     gateway_pb2.ConnectRequest(

@@ -33,7 +33,7 @@ def peak_rss_bytes(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc status")
 
 
-def test_output_flood_keeps_memory_bounded_and_accounts_every_byte(
+def test_output_flood_bounded_and_accounted(
     pki, orchestrator, agent, test_images, container_name
 ):
     target = worker_task(
@@ -74,7 +74,7 @@ def test_output_flood_keeps_memory_bounded_and_accounts_every_byte(
     assert result.outputs["exit_code"] == "0"
     sequences = received["sequences"]
     assert sequences == list(range(1, len(sequences) + 1))
-    # Every byte arrived, or the log says exactly how many were dropped.
+    # Every byte arrived, or drop markers report exactly how many were dropped.
     dropped_total = int(result.outputs.get("log_dropped_bytes", "0"))
     assert received["dropped"] <= dropped_total
     assert received["data"] + dropped_total >= FLOOD_BYTES
@@ -105,7 +105,7 @@ def restart_dockerd() -> None:
         )
     while True:
         try:
-            # from_env() asks the engine for its API version, so it fails too
+            # from_env() requests the engine's API version, so it fails too
             # while the socket is not there yet.
             docker.from_env().ping()
             return
